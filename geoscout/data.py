@@ -230,18 +230,25 @@ def load_competition(root: Path) -> Competition:
     return Competition(root=root, train=train, test=test, classes=classes)
 
 
-def _check_one_image(images_dir: Path, name: str) -> str | None:
-    path = images_dir / name
+def resolve_image(images_dir: Path, name: str) -> Path:
+    """The file an image name points to; refuses names that escape the images folder (symlinks too)."""
+    why = _image_name_problem(name)
+    if why:
+        raise ImageError(why)
     try:
-        resolved = path.resolve(strict=True)
+        resolved = (images_dir / name).resolve(strict=True)
     except FileNotFoundError:
-        return "image file not found"
+        raise ImageError("image file not found") from None
     except OSError as exc:  # e.g. a symlink loop
-        return f"cannot resolve image path: {exc}"
+        raise ImageError(f"cannot resolve image path: {exc}") from None
     if not resolved.is_relative_to(images_dir.resolve()):
-        return f"resolves outside the images folder (to {resolved})"
+        raise ImageError(f"resolves outside the images folder (to {resolved})")
+    return resolved
+
+
+def _check_one_image(images_dir: Path, name: str) -> str | None:
     try:
-        check_jpeg(resolved)
+        check_jpeg(resolve_image(images_dir, name))
     except ImageError as exc:
         return str(exc)
     return None
