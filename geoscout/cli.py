@@ -98,6 +98,60 @@ def score(
         typer.echo(f"{key:<22} {value:.6f}" if isinstance(value, float) else f"{key:<22} {value}")
 
 
+def _parse_weights(items: list[str]) -> dict[str, str]:
+    weights = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name or not value:
+            raise typer.BadParameter(f"{item!r}: expected BACKBONE=PATH_OR_HUB_ID, e.g. streetclip=/models/StreetCLIP")
+        weights[name] = value
+    return weights
+
+
+@app.command()
+def extract(
+    data_dir: Annotated[Path, typer.Argument(help="Competition folder.")],
+    store_dir: Annotated[Path, typer.Argument(help="Feature store folder (created; resumed if it exists).")],
+    backbone: Annotated[list[str], typer.Option("--backbone", "-b", help="Backbone(s) to embed with; repeat for several (each view is decoded once for all). See `geoscout backbones`.")],
+    weights: Annotated[list[str], typer.Option(help="BACKBONE=PATH or BACKBONE=HUB_ID: a HuggingFace StreetCLIP folder, a timm checkpoint file, or a hub id when online. Required for real backbones.")] = [],
+    split: Annotated[list[str], typer.Option(help="Split(s) to embed: train, test.")] = ["train", "test"],
+    device: Annotated[str, typer.Option(help="cuda, cuda:N, cpu or auto; cuda falls back to cpu with a warning.")] = "cuda",
+    batch_size: Annotated[int, typer.Option(help="Views per forward pass (0: 256 on GPU, 64 on CPU).")] = 0,
+    workers: Annotated[int, typer.Option(help="DataLoader decoding processes (-1: up to 8).")] = -1,
+    bad_images: Annotated[str, typer.Option(help="fail: stop on a bad image; mask: mask the view, log it, carry on.")] = "fail",
+    shard_size: Annotated[int, typer.Option(help="Locations per crash-safe shard.")] = 1024,
+    compile: Annotated[bool, typer.Option(help="torch.compile the backbones (faster on long runs).")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace stores made with other weights or preprocessing.")] = False,
+) -> None:
+    """Embed every view with frozen backbones into an HDF5 feature store.
+
+    Resumable: rerun the same command after a crash and it finishes the job. Multi-GPU:
+    `torchrun --nproc-per-node K -m geoscout.cli extract ...`.
+    """
+    from .extract.runner import extract as run_extract
+
+    with _expected_failures():
+        result = run_extract(
+            data_dir, store_dir, backbones=backbone, weights=_parse_weights(weights), splits=tuple(split),
+            device=device, batch_size=batch_size, workers=workers, bad_images=bad_images, shard_size=shard_size,
+            compile=compile, overwrite=overwrite,
+        )
+    for item in result.written:
+        typer.echo(f"wrote {item}")
+    for item in result.skipped:
+        typer.echo(f"already complete: {item}")
+
+
+@app.command()
+def backbones() -> None:
+    """List the registered backbones with their input size, embedding size and weights source."""
+    from .extract.backbones import BACKBONES
+
+    for name, spec in BACKBONES.items():
+        source = "random init (tests, demo)" if spec.random_init else f"weights: {spec.default_weights} or a local path"
+        typer.echo(f"{name:<22} {spec.input_size:>4}px  {spec.embed_dim:>5}-d  {source}")
+
+
 def main() -> None:  # `python -m geoscout.cli` (torchrun needs a module)
     app(sys.argv[1:])
 

@@ -1,0 +1,60 @@
+"""Where things live in a feature store folder and what each HDF5 file holds (schema v1).
+
+STORE_DIR/
+  store.json               the dataset this store belongs to (fingerprint, classes)
+  {split}.samples.csv      sample_id, state_idx, class_id, latitude, longitude (labels empty for test)
+  {split}.{backbone}.h5    features (N,4,D) f16, [projected (N,4,P) f16], mask (N,4) bool, sample_id (N,) i8
+  {split}.{backbone}.bad_views.csv   views masked by --bad-images mask (sample_id, view, file, error)
+  .shards/{split}.{backbone}/        work in progress; removed once the .h5 is sealed
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+SCHEMA_VERSION = 1
+MANIFEST = "store.json"
+
+
+def features_path(store_dir: Path, split: str, backbone: str) -> Path:
+    return Path(store_dir) / f"{split}.{backbone}.h5"
+
+
+def samples_path(store_dir: Path, split: str) -> Path:
+    return Path(store_dir) / f"{split}.samples.csv"
+
+
+def bad_views_path(store_dir: Path, split: str, backbone: str) -> Path:
+    return Path(store_dir) / f"{split}.{backbone}.bad_views.csv"
+
+
+def shard_dir(store_dir: Path, split: str, backbone: str) -> Path:
+    return Path(store_dir) / ".shards" / f"{split}.{backbone}"
+
+
+def backbone_fingerprint(spec: dict, weights_identity: dict, preprocessing: dict) -> str:
+    """Identity of what produced the numbers: architecture, exact weights and preprocessing."""
+    blob = json.dumps({"spec": spec, "weights": weights_identity, "preprocessing": preprocessing}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write-then-rename: a reader (or a resumed run) never sees half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename inside `path` durable across a power cut, not only a process kill."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,104 @@
+"""Reading stores back: whole splits into RAM at disk speed, refusing anything that does not line up."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import h5py
+import numpy as np
+import polars as pl
+
+from ..data import VIEWS
+from .features import SplitFeatures
+from .layout import MANIFEST, SCHEMA_VERSION, features_path, samples_path
+
+
+class StoreError(ValueError):
+    """A store that is missing, incomplete, of another schema, or does not match its companions."""
+
+
+def read_manifest(store_dir: Path) -> dict:
+    path = Path(store_dir) / MANIFEST
+    if not path.exists():
+        raise StoreError(f"{store_dir} is not a feature store (no {MANIFEST}); run `geoscout extract` first")
+    return json.loads(path.read_text())
+
+
+def available_backbones(store_dir: Path, split: str) -> list[str]:
+    prefix = f"{split}."
+    return sorted(p.name[len(prefix):-3] for p in Path(store_dir).glob(f"{split}.*.h5"))
+
+
+def read_store_attrs(path: Path) -> dict:
+    if not path.exists():
+        raise StoreError(f"{path} not found")
+    with h5py.File(path, "r") as f:
+        attrs = dict(f.attrs)
+    if attrs.get("schema_version") != SCHEMA_VERSION:
+        raise StoreError(f"{path}: schema version {attrs.get('schema_version')}, this geoscout reads {SCHEMA_VERSION}")
+    if not attrs.get("complete"):
+        raise StoreError(f"{path} is not complete; rerun `geoscout extract` to finish it")
+    return attrs
+
+
+def _read_contiguous(ds: h5py.Dataset) -> np.ndarray:
+    # read_direct into one preallocated array: no intermediate copies, runs near disk speed
+    out = np.empty(ds.shape, dtype=ds.dtype)
+    if out.size:
+        ds.read_direct(out)
+    return out
+
+
+def read_features(path: Path) -> tuple[dict, np.ndarray, np.ndarray, np.ndarray]:
+    """(attrs, sample_id, features (N,4,D) f16, mask (N,4) bool) of one store file."""
+    attrs = read_store_attrs(path)
+    with h5py.File(path, "r") as f:
+        return attrs, _read_contiguous(f["sample_id"]), _read_contiguous(f["features"]), _read_contiguous(f["mask"])
+
+
+def read_split(store_dir: Path, split: str, backbones: list[str]) -> SplitFeatures:
+    """Features of `split` for every named backbone, aligned row by row with the sample table.
+
+    Stores of other data, of another row order, or of mixed datasets are refused.
+    """
+    store_dir = Path(store_dir)
+    manifest = read_manifest(store_dir)
+    if not backbones:
+        raise StoreError("no backbone named")
+    table = pl.read_csv(samples_path(store_dir, split))
+    sample_id = table["sample_id"].to_numpy().astype(np.int64)
+    features, masks, fingerprints = {}, {}, {}
+    split_fp = None
+    for name in backbones:
+        path = features_path(store_dir, split, name)
+        if not path.exists():
+            have = available_backbones(store_dir, split)
+            raise StoreError(f"no {split} features for backbone {name!r} in {store_dir}; available: {have or 'none'}")
+        attrs, ids, feats, mask = read_features(path)
+        if attrs["dataset_fingerprint"] != manifest["dataset_fingerprint"]:
+            raise StoreError(
+                f"{path} was built from other data (dataset fingerprint {attrs['dataset_fingerprint']}, "
+                f"this store's is {manifest['dataset_fingerprint']})"
+            )
+        if split_fp is not None and attrs["split_fingerprint"] != split_fp:
+            raise StoreError(f"{path} was built from other {split} rows than {backbones[0]!r}'s store")
+        split_fp = attrs["split_fingerprint"]
+        if not np.array_equal(ids, sample_id):
+            raise StoreError(f"{path}: its sample_id order differs from {samples_path(store_dir, split).name}")
+        if mask.shape != (len(sample_id), len(VIEWS)):
+            raise StoreError(f"{path}: mask shape {mask.shape}")
+        features[name], masks[name] = feats, mask
+        fingerprints[name] = str(attrs["backbone_fingerprint"])
+    labelled = table["class_id"].null_count() == 0
+    return SplitFeatures(
+        split=split,
+        sample_id=sample_id,
+        features=features,
+        masks=masks,
+        classes=np.asarray(manifest["classes"], dtype=np.int64),
+        class_id=table["class_id"].to_numpy().astype(np.int64) if labelled else None,
+        latlon=table.select("latitude", "longitude").to_numpy().astype(np.float64) if labelled else None,
+        dataset_fingerprint=manifest["dataset_fingerprint"],
+        backbone_fingerprints=fingerprints,
+    )
