@@ -6,7 +6,7 @@ import json
 import sys
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 
@@ -150,6 +150,33 @@ def backbones() -> None:
     for name, spec in BACKBONES.items():
         source = "random init (tests, demo)" if spec.random_init else f"weights: {spec.default_weights} or a local path"
         typer.echo(f"{name:<22} {spec.input_size:>4}px  {spec.embed_dim:>5}-d  {source}")
+
+
+@app.command()
+def knn(
+    store_dir: Annotated[Path, typer.Argument(help="Feature store folder.")],
+    backbone: Annotated[str, typer.Option(help="Backbone whose features to search.")],
+    k: Annotated[int, typer.Option(help="Neighbours per query.")] = 10,
+    threshold: Annotated[float, typer.Option(help="Cosine similarity at or above which two locations count as near-duplicates.", min=0.0, max=1.0)] = 0.98,
+    query: Annotated[Optional[int], typer.Option(help="Print this sample_id's nearest training locations.")] = None,
+    gpu: Annotated[str, typer.Option(help="auto: a faiss GPU index when faiss-gpu sees a GPU; yes; no.")] = "auto",
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """FAISS neighbour diagnostic: kNN state accuracy and km on validation, near-duplicates across splits.
+
+    Uses the saved validation split (STORE_DIR/validation_split.json) when heads were trained.
+    """
+    from .knn import run_knn
+    from .store.layout import validation_split_path
+
+    use_gpu = {"auto": "auto", "yes": True, "no": False}.get(gpu)
+    if use_gpu is None:
+        raise typer.BadParameter(f"--gpu {gpu!r}; choose auto, yes or no")
+    split_file = validation_split_path(store_dir)
+    with _expected_failures():
+        report = run_knn(store_dir, backbone=backbone, k=k, threshold=threshold, query=query, use_gpu=use_gpu,
+                         split_file=split_file if split_file.exists() else None)
+    typer.echo(json.dumps(report.to_json()) if as_json else report.format())
 
 
 def main() -> None:  # `python -m geoscout.cli` (torchrun needs a module)

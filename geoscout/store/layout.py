@@ -5,6 +5,7 @@ STORE_DIR/
   {split}.samples.csv      sample_id, state_idx, class_id, latitude, longitude (labels empty for test)
   {split}.{backbone}.h5    features (N,4,D) f16, [projected (N,4,P) f16], mask (N,4) bool, sample_id (N,) i8
   {split}.{backbone}.bad_views.csv   views masked by --bad-images mask (sample_id, view, file, error)
+  validation_split.json    the validation rows every head shares (written by the first `train`)
   .shards/{split}.{backbone}/        work in progress; removed once the .h5 is sealed
 """
 
@@ -29,6 +30,11 @@ def samples_path(store_dir: Path, split: str) -> Path:
 
 def bad_views_path(store_dir: Path, split: str, backbone: str) -> Path:
     return Path(store_dir) / f"{split}.{backbone}.bad_views.csv"
+
+
+def validation_split_path(store_dir: Path) -> Path:
+    """The one train/validation split every head and the ensemble share (see heads/split.py)."""
+    return Path(store_dir) / "validation_split.json"
 
 
 def shard_dir(store_dir: Path, split: str, backbone: str) -> Path:
