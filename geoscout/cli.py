@@ -179,6 +179,180 @@ def knn(
     typer.echo(json.dumps(report.to_json()) if as_json else report.format())
 
 
+HeadsOption = Annotated[Path, typer.Option("--heads", help="Folder of trained heads (HEADS/PRESET/classifier-BACKBONE, regressor, ensemble).")]
+PresetOption = Annotated[str, typer.Option(help="Head recipe: default (fast, tuned) or seed (the reference design).")]
+DeviceOption = Annotated[str, typer.Option(help="cuda, cuda:N, cpu or auto; cuda falls back to cpu with a warning.")]
+SeedOption = Annotated[int, typer.Option(help="Random seed (training is deterministic on CPU for a seed).")]
+
+
+def _heads(heads: Path, preset: str):
+    from .heads.presets import PRESETS
+    from .stages import HeadPaths
+
+    if preset not in PRESETS:
+        raise typer.BadParameter(f"unknown preset {preset!r}; available: {', '.join(PRESETS)}")
+    return HeadPaths(heads, preset)
+
+
+@app.command()
+def train(
+    store_dir: Annotated[Path, typer.Argument(help="Feature store folder.")],
+    backbone: Annotated[str, typer.Option(help="Backbone whose features to train on.")],
+    heads: HeadsOption = Path("heads"),
+    preset: PresetOption = "default",
+    device: DeviceOption = "cuda",
+    seed: SeedOption = 0,
+) -> None:
+    """Train a state classifier (view fusion + head) on one backbone's cached features.
+
+    The first head trained on a store fixes the validation split (STORE_DIR/validation_split.json,
+    10% of each state) that every later head and the ensemble share.
+    """
+    from .stages import train_classifier_stage
+
+    with _expected_failures():
+        result = train_classifier_stage(store_dir, _heads(heads, preset), backbone, device=device, seed=seed)
+    typer.echo(f"classifier -> {result.out_dir}: validation score {result.metrics['score']:.4f}, "
+               f"top-1 {result.metrics['top1_accuracy']:.4f} (best epoch {result.best_epoch}, {result.seconds:.1f} s)")
+
+
+@app.command("train-regressor")
+def train_regressor(
+    store_dir: Annotated[Path, typer.Argument(help="Feature store folder.")],
+    backbone: Annotated[str, typer.Option(help="The trained classifier whose outputs the regressor reads.")],
+    heads: HeadsOption = Path("heads"),
+    preset: PresetOption = "default",
+    device: DeviceOption = "cuda",
+    seed: SeedOption = 0,
+) -> None:
+    """Train the residual regressor: the offset from the predicted state's centroid, haversine loss."""
+    from .stages import train_regressor_stage
+
+    with _expected_failures():
+        r = train_regressor_stage(store_dir, _heads(heads, preset), backbone, device=device, seed=seed)
+    typer.echo(f"regressor -> {r.out_dir}: validation mean {r.regressor_mean_km:.1f} km vs {r.centroid_mean_km:.1f} km "
+               f"at the predicted state's centroid ({100 * r.relative_gain:.1f}% lower)")
+
+
+@app.command()
+def ensemble(
+    store_dir: Annotated[Path, typer.Argument(help="Feature store folder.")],
+    backbone: Annotated[list[str], typer.Option("--backbone", "-b", help="The two classifiers to combine (repeat; default: the two trained).")] = [],
+    heads: HeadsOption = Path("heads"),
+    preset: PresetOption = "default",
+    device: DeviceOption = "cuda",
+) -> None:
+    """Fit the logit-level ensemble alpha*A + (1-alpha)*B of two classifiers on validation."""
+    from .stages import fit_ensemble_stage
+
+    paths = _heads(heads, preset)
+    with _expected_failures():
+        result = fit_ensemble_stage(store_dir, paths, backbone or paths.trained_backbones(), device=device)
+    typer.echo(f"ensemble -> {result.out_dir}: alpha {result.alpha:.2f} toward {result.members[0]}, "
+               f"validation score {result.metrics['score']:.4f}")
+    for point in result.curve:
+        typer.echo(f"  alpha {point['alpha']:.2f}  score {point['score']:.4f}")
+
+
+@app.command()
+def evaluate(
+    store_dir: Annotated[Path, typer.Argument(help="Feature store folder.")],
+    heads: HeadsOption = Path("heads"),
+    preset: PresetOption = "default",
+    device: DeviceOption = "cuda",
+) -> None:
+    """Print the full metric set on the validation rows for each head, the ensemble and the trivial baseline."""
+    from .stages import evaluate_stage
+
+    with _expected_failures():
+        typer.echo(evaluate_stage(store_dir, _heads(heads, preset), device=device).table())
+
+
+@app.command()
+def predict(
+    store_dir: Annotated[Path, typer.Argument(help="Feature store folder (with test features).")],
+    out: Annotated[Path, typer.Option(help="Submission CSV to write.")] = Path("submission.csv"),
+    heads: HeadsOption = Path("heads"),
+    preset: PresetOption = "default",
+    template: Annotated[Optional[Path], typer.Option(help="sample_submission.csv to fill (default: the store's data folder's).")] = None,
+    device: DeviceOption = "cuda",
+) -> None:
+    """Write a competition submission for the test split: the ensemble when fitted, else classifier + regressor.
+
+    Top-5 as original state_idx, latitude/longitude, every template column; checked by the
+    competition's rules before it is written.
+    """
+    from .stages import predict_stage
+
+    with _expected_failures():
+        frame = predict_stage(store_dir, _heads(heads, preset), out, device=device, template=template)
+    typer.echo(f"wrote {out} ({frame.height} locations)")
+
+
+@app.command()
+def report(work_dir: Annotated[Path, typer.Argument(help="A `geoscout run` work folder.")]) -> None:
+    """Build WORK_DIR/report/index.html: scores, map, error CDF, confusion matrix, per-state bars, alpha curve."""
+    from .report import build_report
+
+    with _expected_failures():
+        typer.echo(f"wrote {build_report(work_dir)}")
+
+
+@app.command()
+def run(
+    data_dir: Annotated[Optional[Path], typer.Argument(help="Competition folder.")] = None,
+    work: Annotated[Optional[Path], typer.Option(help="Work folder: store, heads, submission.csv, report/.")] = None,
+    backbones: Annotated[Optional[str], typer.Option(help="Comma-separated backbones (one or two) [default: streetclip,convnextv2-large].")] = None,
+    weights: Annotated[list[str], typer.Option(help="BACKBONE=PATH or BACKBONE=HUB_ID (repeat).")] = [],
+    preset: Annotated[list[str], typer.Option(help="Head recipe(s); the first writes the submission; repeat to compare [default: default].")] = [],
+    device: Annotated[Optional[str], typer.Option(help="cuda, cpu or auto [default: cuda, falls back to cpu].")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Extraction batch size in views.")] = None,
+    bad_images: Annotated[Optional[str], typer.Option(help="fail or mask.")] = None,
+    config: Annotated[Optional[Path], typer.Option(help="A TOML file with these settings (a run's WORK/config.toml reproduces it); flags override it.")] = None,
+) -> None:
+    """The whole job: validate, extract, train, ensemble, predict, report.
+
+    Idempotent and resumable: rerun the same command and completed stages are skipped
+    (fingerprints checked); a killed run picks up where it stopped. Writes
+    WORK/submission.csv, WORK/store/, WORK/heads/, WORK/report/index.html and the resolved
+    WORK/config.toml.
+    """
+    from .pipeline import RunConfig, run_pipeline, score_table
+
+    overrides = dict(
+        data_dir=data_dir, work_dir=work, backbones=backbones.split(",") if backbones else None,
+        weights=_parse_weights(weights) or None, presets=preset or None, device=device, batch_size=batch_size,
+        bad_images=bad_images,
+    )
+    with _expected_failures():
+        if config is not None:
+            cfg = RunConfig.from_toml(config, **overrides)
+        else:
+            if data_dir is None or work is None:
+                raise typer.BadParameter("give DATA_DIR and --work (or --config)")
+            cfg = RunConfig(**{k: v for k, v in overrides.items() if v is not None})
+        result = run_pipeline(cfg)
+    typer.echo(score_table(result.scores))
+
+
+@app.command()
+def demo(
+    work: Annotated[Path, typer.Option(help="Work folder for the demo.")] = Path("demo-work"),
+    train: Annotated[int, typer.Option(help="Synthetic training locations.")] = 600,
+    test: Annotated[int, typer.Option(help="Synthetic test locations.")] = 150,
+    states: Annotated[int, typer.Option(help="Synthetic states.")] = 20,
+) -> None:
+    """Run the whole pipeline on a synthetic dataset with tiny random backbones (CPU, a few minutes).
+
+    Shows every stage working on a fresh machine without data or weights; the scores say
+    nothing about real accuracy.
+    """
+    from .pipeline import run_demo
+
+    with _expected_failures():
+        run_demo(work, n_train=train, n_test=test, n_states=states)
+
+
 def main() -> None:  # `python -m geoscout.cli` (torchrun needs a module)
     app(sys.argv[1:])
 

@@ -1,0 +1,112 @@
+"""View fusion: four per-view embeddings (N/E/S/W) and their presence mask -> one descriptor per location.
+
+Every fusion module takes `(x, mask)` with x (B, 4, D) float and mask (B, 4) bool (True = view present)
+and returns (B, out_dim). Missing views never reach the arithmetic (their slots may hold anything,
+even NaN); a location with no view at all gets what the module learned about absence.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+NUM_VIEWS = 4
+
+
+@dataclass
+class FusionConfig:
+    kind: str = "transformer"  # a key of FUSIONS
+    width: int | None = 256  # None: the backbone's own dimension and no input projection
+    # LayerNorm per view first (backbones differ wildly in embedding scale). No affine part: the next
+    # linear layer absorbs it, and without parameters no gradient flows back over the (B, 4, D) input.
+    input_norm: bool = True
+    # transformer only
+    depth: int = 1
+    heads: int = 4
+    ffn_dim: int = 512
+    dropout: float = 0.1
+    direction_embeddings: bool = True
+    pooling: str = "mean"  # "mean": masked mean of the view outputs; "concat": the four outputs side by side
+    norm_first: bool = True
+
+
+def _present_views(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    # A fill, not a multiplication: 0 * NaN is NaN, in the forward pass and in the weight gradients.
+    return x.masked_fill(~mask[..., None], 0.0)
+
+
+def _input_norm(config: FusionConfig, input_dim: int) -> nn.Module:
+    return nn.LayerNorm(input_dim, elementwise_affine=False) if config.input_norm else nn.Identity()
+
+
+class MeanFusion(nn.Module):
+    """Masked mean of the present views, then an optional linear projection."""
+
+    def __init__(self, config: FusionConfig, input_dim: int):
+        super().__init__()
+        self.input_norm = _input_norm(config, input_dim)
+        self.project = nn.Identity() if config.width is None else nn.Linear(input_dim, config.width)
+        self.out_dim = input_dim if config.width is None else config.width
+        # The descriptor of a location without views. Learned after the projection: a parameter before
+        # it would make the projection's input need a gradient, one more (B, D) x (D, W) product per step.
+        self.absent = nn.Parameter(torch.zeros(self.out_dim))
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        x = self.input_norm(_present_views(x, mask))
+        count = mask.sum(dim=1, keepdim=True)
+        weights = mask.to(x.dtype) / count.clamp(min=1)  # zero for absent views, whatever the norm made of them
+        mean = torch.bmm(weights[:, None, :], x).squeeze(1)
+        return torch.where(count > 0, self.project(mean), self.absent)
+
+
+class TransformerFusion(nn.Module):
+    """A transformer encoder over the four view tokens; missing views are masked out as keys.
+
+    A missing view's token is a learned "absent" vector, so with concatenation pooling its slot carries
+    only what was learned about absence plus what it attends to among the present views. A location with
+    no view at all lets its absent tokens attend to each other rather than to nothing (which is NaN).
+    """
+
+    def __init__(self, config: FusionConfig, input_dim: int):
+        super().__init__()
+        width = input_dim if config.width is None else config.width
+        if config.pooling not in ("mean", "concat"):
+            raise ValueError(f"unknown pooling {config.pooling!r}; available: 'mean', 'concat'")
+        if width % config.heads:
+            raise ValueError(f"transformer width {width} is not divisible by {config.heads} heads")
+        self.pooling = config.pooling
+        self.input_norm = _input_norm(config, input_dim)
+        self.project = nn.Identity() if config.width is None else nn.Linear(input_dim, width)
+        self.absent = nn.Parameter(torch.randn(width) * 0.02)
+        self.directions = nn.Parameter(torch.randn(NUM_VIEWS, width) * 0.02) if config.direction_embeddings else None
+        layer = nn.TransformerEncoderLayer(
+            d_model=width, nhead=config.heads, dim_feedforward=config.ffn_dim, dropout=config.dropout,
+            batch_first=True, norm_first=config.norm_first,
+        )
+        # No nested tensors: they zero the outputs of padded tokens in eval mode only, which would make
+        # concatenation pooling differ between training and inference.
+        self.encoder = nn.TransformerEncoder(layer, num_layers=config.depth, enable_nested_tensor=False)
+        self.out_dim = width * NUM_VIEWS if config.pooling == "concat" else width
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        tokens = self.project(self.input_norm(_present_views(x, mask)))
+        tokens = torch.where(mask[..., None], tokens, self.absent)
+        if self.directions is not None:
+            tokens = tokens + self.directions
+        attend = mask | ~mask.any(dim=1, keepdim=True)  # all-missing rows: attend over the absent tokens
+        out = self.encoder(tokens, src_key_padding_mask=~attend)
+        if self.pooling == "concat":
+            return out.flatten(1)
+        weights = attend.to(out.dtype)[..., None]
+        return (out * weights).sum(dim=1) / weights.sum(dim=1)
+
+
+FUSIONS: dict[str, type[nn.Module]] = {"transformer": TransformerFusion, "mean": MeanFusion}
+
+
+def build_fusion(config: FusionConfig, input_dim: int) -> nn.Module:
+    if config.kind not in FUSIONS:
+        raise ValueError(f"unknown fusion {config.kind!r}; available: {sorted(FUSIONS)}")
+    return FUSIONS[config.kind](config, input_dim)

@@ -1,0 +1,136 @@
+"""Every fusion kind (and both presets' classifiers) gets the same masking and batch-independence checks."""
+
+import pytest
+import torch
+from torch import nn
+
+from geoscout.heads.fusion import FUSIONS, FusionConfig, TransformerFusion, build_fusion
+from geoscout.heads.models import ClassifierConfig, Scout, Sniper
+from geoscout.heads.presets import classifier_preset, ensemble_preset, regressor_preset
+
+D = 16
+
+FUSION_CONFIGS = {
+    "mean": FusionConfig(kind="mean", width=8),
+    "mean-no-projection": FusionConfig(kind="mean", width=None, input_norm=False),
+    "transformer-mean": FusionConfig(kind="transformer", width=8, heads=2, ffn_dim=16),
+    "transformer-concat": FusionConfig(kind="transformer", width=None, heads=2, ffn_dim=16, pooling="concat",
+                                       direction_embeddings=False, norm_first=False, input_norm=False),
+}
+
+
+def _modules():
+    torch.manual_seed(0)
+    for name, config in FUSION_CONFIGS.items():
+        yield name, build_fusion(config, D)
+    for preset in ("seed", "default"):
+        config = classifier_preset(preset, backbone="tiny-clip")
+        config.fusion.width = None if config.fusion.width is None else 8
+        config.fusion.heads = 2
+        yield f"{preset}-classifier", Scout(config, D, num_classes=5)
+
+
+MODULES = dict(_modules())
+
+
+def test_registry_covers_every_kind():
+    assert {c.kind for c in FUSION_CONFIGS.values()} == set(FUSIONS)
+    with pytest.raises(ValueError, match="available"):
+        build_fusion(FusionConfig(kind="nope"), D)
+
+
+def _batch(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 4, D, generator=g)
+    mask = torch.rand(n, 4, generator=g) > 0.4
+    mask[0] = False  # one location without any view
+    mask[1] = True
+    x[~mask] = float("nan")  # whatever the store holds in a missing slot must not leak
+    return x, mask
+
+
+@pytest.mark.parametrize("name", list(MODULES))
+def test_missing_views_give_finite_outputs_and_gradients(name):
+    module = MODULES[name]
+    x, mask = _batch(12, seed=1)
+    module.eval()
+    with torch.no_grad():
+        assert torch.isfinite(module(x, mask)).all()
+    module.train()
+    out = module(x, mask)
+    out.square().mean().backward()
+    assert torch.isfinite(out).all()
+    assert all(torch.isfinite(p.grad).all() for p in module.parameters() if p.grad is not None)
+    module.zero_grad(set_to_none=True)
+
+
+@pytest.mark.parametrize("name", list(MODULES))
+def test_a_sample_does_not_depend_on_its_batch(name):
+    module = MODULES[name].eval()
+    x, mask = _batch(9, seed=2)
+    with torch.no_grad():
+        alone = module(x[1:2], mask[1:2])
+        for rows in ([1, 0, 2, 3], [4, 5, 1], list(range(9))):
+            together = module(x[rows], mask[rows])
+            assert torch.allclose(together[rows.index(1)], alone[0], atol=1e-5), rows
+        # A missing view's slot contents (NaN, zeros, anything) never matter.
+        other = x.clone()
+        other[~mask] = 123.0
+        assert torch.allclose(module(other, mask), module(x, mask), atol=1e-6)
+
+
+def test_seed_preset_builds_the_seed_architecture():
+    d, classes = 1024, 33
+    config = classifier_preset("seed", backbone="streetclip")
+    scout = Scout(config, d, classes)
+    fusion = scout.fusion
+    assert isinstance(fusion, TransformerFusion) and fusion.pooling == "concat"
+    assert isinstance(fusion.project, nn.Identity) and isinstance(fusion.input_norm, nn.Identity)
+    assert fusion.directions is None
+    assert len(fusion.encoder.layers) == 2
+    for layer in fusion.encoder.layers:
+        assert layer.self_attn.embed_dim == d and layer.self_attn.num_heads == 8
+        assert layer.dropout.p == 0.1 and not layer.norm_first
+    assert fusion.out_dim == 4 * d
+    kinds = [type(m) for m in scout.head]
+    assert kinds == [nn.Linear, nn.BatchNorm1d, nn.SiLU, nn.Dropout, nn.Linear]
+    assert (scout.head[0].in_features, scout.head[0].out_features) == (4 * d, 1024)
+    assert scout.head[1].num_features == 1024 and scout.head[3].p == 0.3
+    assert (scout.head[4].in_features, scout.head[4].out_features) == (1024, classes)
+    assert config.label_smoothing == 0.0
+    assert classifier_preset("seed", backbone="convnextv2-large").label_smoothing == 0.1
+    assert classifier_preset("seed", backbone="tiny-convnext-random").label_smoothing == 0.1
+
+    sniper = Sniper(regressor_preset("seed"), scout.descriptor_dim, classes)
+    assert tuple(sniper.state_embedding.weight.shape) == (classes, 64)
+    assert sniper.body[0].in_features == 4 * d + 64  # the state embedding scaled by confidence, nothing else
+    assert ensemble_preset("seed").alpha == 0.6 and ensemble_preset("seed").first_member == "clip"
+
+
+def test_default_preset_projects_to_a_small_width():
+    scout = Scout(classifier_preset("default", backbone="convnextv2-large"), 1536, 33)
+    assert scout.fusion.project.in_features == 1536 and scout.fusion.project.out_features < 1536
+    assert scout.fusion.directions is not None and scout.fusion.pooling == "mean"
+
+
+def test_sniper_starts_at_the_centroid():
+    sniper = Sniper(regressor_preset("default"), 8, 5).eval()
+    offset = sniper(torch.randn(4, 8), torch.tensor([0, 1, 2, 3]), torch.rand(4))
+    assert offset.abs().max() < 0.05  # degrees
+
+
+def test_width_must_divide_into_heads():
+    with pytest.raises(ValueError, match="divisible"):
+        TransformerFusion(FusionConfig(width=10, heads=4), D)
+
+
+def test_classifier_config_rejects_unknown_norm():
+    with pytest.raises(ValueError, match="available"):
+        Scout(ClassifierConfig(norm="group"), D, 3)
+
+
+def test_fusion_view_count_matches_the_store():
+    from geoscout.heads.fusion import NUM_VIEWS
+    from geoscout.store.features import VIEWS
+
+    assert NUM_VIEWS == len(VIEWS)
