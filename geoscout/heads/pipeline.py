@@ -259,11 +259,20 @@ def fit_ensemble(
     centroids = np.asarray(runs[order[0]].card.centroids)
     truth = Truth(val.class_id, val.latlon)
 
-    def score_logits(logits: np.ndarray) -> dict[str, float]:
-        return score(_decode(logits, centroids, dev, regressor=regressor, descriptors=descriptors), truth)
+    def score_logits(logits: np.ndarray, with_regressor: bool = True) -> dict[str, float]:
+        use = regressor if with_regressor else None
+        return score(_decode(logits, centroids, dev, regressor=use, descriptors=descriptors), truth)
 
     temps = (temperatures[order[0]], temperatures[order[1]])
     curve = alpha_curve(runs[order[0]].logits, runs[order[1]].logits, temperatures=temps, steps=config.alpha_steps, score=score_logits)
+    if regressor is not None and config.alpha is None:
+        # The regressor reads one member's descriptors; when the mix leans on the other member its
+        # offsets can hurt. Keep it only if it wins on validation, so the ensemble never scores
+        # below its best member at that member's own centroids.
+        plain = alpha_curve(runs[order[0]].logits, runs[order[1]].logits, temperatures=temps,
+                            steps=config.alpha_steps, score=lambda x: score_logits(x, with_regressor=False))
+        if max(r["score"] for r in plain) > max(r["score"] for r in curve):
+            curve, regressor, regressor_dir, descriptors = plain, None, None, None
     alpha = best_alpha(curve) if config.alpha is None else config.alpha
     metrics = score_logits(combine_logits(runs[order[0]].logits, runs[order[1]].logits, alpha=alpha, temperatures=temps))
     out_dir = Path(out_dir)

@@ -47,7 +47,7 @@ def classifier_preset(name: str, *, backbone: str) -> ClassifierConfig:
             direction_embeddings=True, pooling="mean", norm_first=True,
         ),
         hidden=512, norm="layer", dropout=0.2, label_smoothing=0.1,
-        train=TrainConfig(epochs=6, batch_size=1024, lr=2e-3, weight_decay=0.05, patience=2),
+        train=TrainConfig(epochs=6, batch_size=1024, lr=2e-3, weight_decay=0.05, patience=2, min_steps_per_epoch=16),
     )
 
 
@@ -60,7 +60,7 @@ def regressor_preset(name: str) -> RegressorConfig:
         )
     return RegressorConfig(
         state_embedding_dim=64, append_confidence=True, hidden=256, blocks=2, dropout=0.1,
-        train=TrainConfig(epochs=8, batch_size=1024, lr=2e-3, weight_decay=0.05, patience=3),
+        train=TrainConfig(epochs=8, batch_size=1024, lr=2e-3, weight_decay=0.05, patience=3, min_steps_per_epoch=16),
     )
 
 

@@ -33,6 +33,14 @@ class TrainConfig:
     grad_clip: float = 1.0  # 0: no clipping
     patience: int = 3  # epochs without a better validation score before stopping
     eval_batch_size: int = 4096
+    # Small datasets get smaller batches so every epoch still takes this many optimiser steps
+    # (a 1024 batch over 500 rows would train for one step an epoch). 0: always batch_size.
+    min_steps_per_epoch: int = 0
+
+    def batch_size_for(self, n_rows: int) -> int:
+        if not self.min_steps_per_epoch:
+            return self.batch_size
+        return max(1, min(self.batch_size, max(32, n_rows // self.min_steps_per_epoch)))
 
 
 class Prediction(NamedTuple):
@@ -152,7 +160,8 @@ def fit(
     started = time.perf_counter()
     module.to(device)
     rng = np.random.default_rng(seed)
-    steps_per_epoch = len(_batches(train_rows, config.batch_size))
+    batch_size = config.batch_size_for(len(train_rows))
+    steps_per_epoch = len(_batches(train_rows, batch_size))
     total = steps_per_epoch * config.epochs
     optimizer = _optimizer(module, config)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _lr_factor(step, total, config))
@@ -167,7 +176,7 @@ def fit(
     for epoch in range(1, config.epochs + 1):
         module.train()
         running = 0.0
-        for step, rows in enumerate(_batches(rng.permutation(train_rows), config.batch_size), start=1):
+        for step, rows in enumerate(_batches(rng.permutation(train_rows), batch_size), start=1):
             loss = objective.loss(module, objective.batch(rows, device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
