@@ -23,7 +23,7 @@ from .heads.split import load_validation_split, make_validation_split
 from .states import state_name
 from .store.features import SplitFeatures
 from .store.layout import features_path, samples_path
-from .store.reader import StoreError, available_backbones, read_manifest, read_store_attrs
+from .store.reader import StoreError, open_checked, read_manifest, read_samples
 
 DEFAULT_BLOCK_SIZE = 16384
 # A seeded split used only when the caller passes neither a saved split nor a mask.
@@ -333,18 +333,9 @@ def _read_split_descriptors(
     store_dir: Path, split: str, backbone: str, manifest: dict, block_size: int, center: np.ndarray | None = None
 ) -> _SplitDescriptors:
     """Descriptors of one split, centred on `center` (the training mean, computed here for train)."""
-    path = features_path(store_dir, split, backbone)
-    if not path.exists():
-        have = available_backbones(store_dir, split)
-        raise StoreError(f"no {split} features for backbone {backbone!r} in {store_dir}; available: {have or 'none'}")
-    attrs = read_store_attrs(path)
-    if attrs["dataset_fingerprint"] != manifest["dataset_fingerprint"]:
-        raise StoreError(f"{path} was built from other data than this store's {samples_path(store_dir, split).name}")
-    table = pl.read_csv(samples_path(store_dir, split))
+    table = read_samples(store_dir, split)
     sample_id = table["sample_id"].to_numpy().astype(np.int64)
-    with h5py.File(path, "r") as f:
-        if not np.array_equal(f["sample_id"][:], sample_id):
-            raise StoreError(f"{path}: its sample_id order differs from {samples_path(store_dir, split).name}")
+    with open_checked(store_dir, split, backbone, manifest=manifest, sample_id=sample_id) as f:
         if center is None:
             center = descriptor_center(f["features"], f["mask"], block_size=block_size)
         desc = location_descriptors(f["features"], f["mask"], center=center, block_size=block_size)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from pathlib import Path
 
 import h5py
@@ -57,6 +58,35 @@ def read_features(path: Path) -> tuple[dict, np.ndarray, np.ndarray, np.ndarray]
         return attrs, _read_contiguous(f["sample_id"]), _read_contiguous(f["features"]), _read_contiguous(f["mask"])
 
 
+@contextmanager
+def open_checked(store_dir: Path, split: str, backbone: str, *, manifest: dict, sample_id: np.ndarray):
+    """The open HDF5 file of (split, backbone), after checking it belongs to this store, row for row."""
+    path = features_path(store_dir, split, backbone)
+    if not path.exists():
+        have = available_backbones(store_dir, split)
+        raise StoreError(f"no {split} features for backbone {backbone!r} in {store_dir}; available: {have or 'none'}")
+    attrs = read_store_attrs(path)
+    if attrs["dataset_fingerprint"] != manifest["dataset_fingerprint"]:
+        raise StoreError(
+            f"{path} was built from other data (dataset fingerprint {attrs['dataset_fingerprint']}, "
+            f"this store's is {manifest['dataset_fingerprint']})"
+        )
+    with h5py.File(path, "r") as f:
+        if not np.array_equal(f["sample_id"][()], sample_id):
+            raise StoreError(f"{path}: its sample_id order differs from {samples_path(store_dir, split).name}")
+        if f["mask"].shape != (len(sample_id), len(VIEWS)):
+            raise StoreError(f"{path}: mask shape {f['mask'].shape}")
+        yield f
+
+
+def read_samples(store_dir: Path, split: str) -> pl.DataFrame:
+    """The split's sample table: sample_id, state_idx, class_id, latitude, longitude (labels null for test)."""
+    path = samples_path(store_dir, split)
+    if not path.exists():
+        raise StoreError(f"{path} not found; run `geoscout extract` for the {split} split")
+    return pl.read_csv(path)
+
+
 def read_split(store_dir: Path, split: str, backbones: list[str]) -> SplitFeatures:
     """Features of `split` for every named backbone, aligned row by row with the sample table.
 
@@ -66,30 +96,13 @@ def read_split(store_dir: Path, split: str, backbones: list[str]) -> SplitFeatur
     manifest = read_manifest(store_dir)
     if not backbones:
         raise StoreError("no backbone named")
-    table = pl.read_csv(samples_path(store_dir, split))
+    table = read_samples(store_dir, split)
     sample_id = table["sample_id"].to_numpy().astype(np.int64)
     features, masks, fingerprints = {}, {}, {}
-    split_fp = None
     for name in backbones:
-        path = features_path(store_dir, split, name)
-        if not path.exists():
-            have = available_backbones(store_dir, split)
-            raise StoreError(f"no {split} features for backbone {name!r} in {store_dir}; available: {have or 'none'}")
-        attrs, ids, feats, mask = read_features(path)
-        if attrs["dataset_fingerprint"] != manifest["dataset_fingerprint"]:
-            raise StoreError(
-                f"{path} was built from other data (dataset fingerprint {attrs['dataset_fingerprint']}, "
-                f"this store's is {manifest['dataset_fingerprint']})"
-            )
-        if split_fp is not None and attrs["split_fingerprint"] != split_fp:
-            raise StoreError(f"{path} was built from other {split} rows than {backbones[0]!r}'s store")
-        split_fp = attrs["split_fingerprint"]
-        if not np.array_equal(ids, sample_id):
-            raise StoreError(f"{path}: its sample_id order differs from {samples_path(store_dir, split).name}")
-        if mask.shape != (len(sample_id), len(VIEWS)):
-            raise StoreError(f"{path}: mask shape {mask.shape}")
-        features[name], masks[name] = feats, mask
-        fingerprints[name] = str(attrs["backbone_fingerprint"])
+        with open_checked(store_dir, split, name, manifest=manifest, sample_id=sample_id) as f:
+            features[name], masks[name] = _read_contiguous(f["features"]), _read_contiguous(f["mask"])
+            fingerprints[name] = str(f.attrs["backbone_fingerprint"])
     labelled = table["class_id"].null_count() == 0
     return SplitFeatures(
         split=split,
