@@ -1,0 +1,61 @@
+"""What the extraction benchmarks share: synthetic data, the extractor's own DataLoader, registry access."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from torch.utils.data import DataLoader
+
+from geoscout.data import TRAIN_CSV, VIEWS, load_competition
+from geoscout.extract import backbones
+from geoscout.extract.dataset import ShardBatchSampler, ViewsDataset, collate_views
+from geoscout.synth import synthesize
+
+SHARD_SIZE = 1024  # extract's default
+
+
+def default_workers() -> int:
+    return min(8, os.cpu_count() or 1)  # what extract picks for workers=-1 in one process
+
+
+def ensure_data(data_dir: Path, locations: int) -> Path:
+    """A synthetic competition folder with `locations` train locations (kept if it already exists)."""
+    if not (data_dir / TRAIN_CSV).exists():
+        print(f"synthesizing {locations} locations into {data_dir} ...", flush=True)
+        start = time.perf_counter()
+        synthesize(data_dir, n_train=locations, n_test=4, progress=False)  # test is not extracted
+        print(f"  {locations * len(VIEWS)} views in {time.perf_counter() - start:.1f} s", flush=True)
+    return data_dir
+
+
+def decode_only(data_dir: Path, batch_size: int, workers: int, pin_memory: bool = False) -> tuple[int, float]:
+    """(views, seconds) of one pass of extract's DataLoader over the train split, no model."""
+    table = load_competition(data_dir).split("train")
+    locations_per_batch = max(1, batch_size // len(VIEWS))
+    shards = [range(s, min(s + SHARD_SIZE, len(table))) for s in range(0, len(table), SHARD_SIZE)]
+    loader = DataLoader(
+        ViewsDataset(table, bad_images="fail"), batch_sampler=ShardBatchSampler(shards, locations_per_batch),
+        num_workers=workers, collate_fn=collate_views, pin_memory=pin_memory,
+        prefetch_factor=4 if workers else None,
+    )
+    start, views = time.perf_counter(), 0
+    for rows, _images, _ok, _errors in loader:
+        views += len(rows) * len(VIEWS)
+    return views, time.perf_counter() - start
+
+
+def randomly_initialised(name: str) -> str:
+    """Registry name of `name`'s architecture with random weights (speed does not depend on weights).
+
+    Real backbones refuse to run without weights, so a random-init copy of the spec is added to
+    the registry under a new name; `extract` then runs it through its ordinary code path.
+    """
+    spec = backbones.get_spec(name)
+    if spec.random_init:
+        return spec.name
+    random = replace(spec, name=f"{spec.name}-random-init", random_init=True, default_weights=None, aliases=())
+    backbones.BACKBONES[random.name] = random
+    return random.name
