@@ -176,3 +176,41 @@ def test_torchrun_two_processes_equal_one(synth_master, reference_store, tmp_pat
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert_same_store(store, reference_store)
+
+
+def test_streetclip_from_a_huggingface_folder_end_to_end(synth_master, tmp_path):
+    """The real `streetclip` entry, fed a tiny HF CLIPModel folder: store rows equal the embedder's output."""
+    import hashlib
+    import json
+
+    import torch
+    transformers = pytest.importorskip("transformers")
+    from geoscout.data import load_competition
+    from geoscout.extract.backbones import load_backbone
+    from geoscout.extract.dataset import ViewsDataset
+
+    torch.manual_seed(0)
+    config = transformers.CLIPConfig(
+        vision_config=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                           patch_size=8, image_size=32, hidden_act="quick_gelu"),
+        text_config=dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                         vocab_size=50, max_position_embeddings=8, bos_token_id=0, eos_token_id=1, pad_token_id=1),
+        projection_dim=8,
+    )
+    folder = tmp_path / "StreetCLIP"
+    transformers.CLIPModel(config).save_pretrained(folder)
+    store = tmp_path / "store"
+    extract(synth_master, store, backbones=["streetclip"], weights={"streetclip": str(folder)}, splits=("train",),
+            device="cpu", workers=0, progress=False)
+    with h5py.File(store / "train.streetclip.h5", "r") as f:
+        stored, projected = f["features"][:3], f["projected"][:3]
+        identity = json.loads(f.attrs["weights_identity"])
+    assert stored.shape == (3, 4, 32) and projected.shape == (3, 4, 8)
+    digest = hashlib.sha256((folder / "model.safetensors").read_bytes()).hexdigest()
+    assert digest in json.dumps(identity)
+    embedder = load_backbone("streetclip", str(folder), "cpu").embedder
+    views = ViewsDataset(load_competition(synth_master).train, bad_images="fail")
+    images = torch.cat([views[i][1] for i in range(3)])
+    expected = embedder(images)
+    np.testing.assert_allclose(stored.reshape(12, 32), expected["features"].numpy(), atol=2e-3, rtol=2e-3)  # fp16 store
+    np.testing.assert_allclose(projected.reshape(12, 8), expected["projected"].numpy(), atol=2e-3, rtol=2e-3)
