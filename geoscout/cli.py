@@ -122,6 +122,7 @@ def extract(
     shard_size: Annotated[int, typer.Option(help="Locations per crash-safe shard.")] = 1024,
     compile: Annotated[bool, typer.Option(help="torch.compile the backbones (faster on long runs).")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace stores made with other weights or preprocessing.")] = False,
+    flip: Annotated[bool, typer.Option(help="Also embed every view mirrored left-right (features_flip), for flip test-time augmentation.")] = False,
 ) -> None:
     """Embed every view with frozen backbones into an HDF5 feature store.
 
@@ -134,7 +135,7 @@ def extract(
         result = run_extract(
             data_dir, store_dir, backbones=backbone, weights=_parse_weights(weights), splits=tuple(split),
             device=device, batch_size=batch_size, workers=workers, bad_images=bad_images, shard_size=shard_size,
-            compile=compile, overwrite=overwrite,
+            compile=compile, overwrite=overwrite, flip=flip,
         )
     for item in result.written:
         typer.echo(f"wrote {item}")
@@ -290,6 +291,34 @@ def predict(
 
 
 @app.command()
+def ablate(
+    store_dir: Annotated[Path, typer.Argument(help="Feature store folder with two backbones (extracted with --flip for the flip TTA rows).")],
+    work: Annotated[Path, typer.Option(help="Folder for the heads (WORK/ablation/) and the table (WORK/eval/ablation.json, shown by `geoscout report WORK`).")] = Path("ablation-work"),
+    seeds: Annotated[int, typer.Option(help="Training seeds per recipe.", min=1)] = 3,
+    tau: Annotated[list[float], typer.Option(help="Also train the default at this haversine tau in km (repeat).")] = [],
+    device: DeviceOption = "cpu",
+    threads: Annotated[int, typer.Option(help="torch CPU threads (0: torch's default; 1 keeps timings steady on a busy machine).")] = 0,
+) -> None:
+    """Train the seed recipe, the default, and the default without each addition (haversine smoothing,
+    geocells, retrieval, expected-distance decoding, flip TTA) over seeds; print mean ± std tables.
+
+    Scored on the validation rows and, for synthetic data (test_ground_truth.csv), on the test split.
+    """
+    import torch
+
+    from .ablation import markdown_table, run_ablation
+
+    if threads:
+        torch.set_num_threads(threads)
+    with _expected_failures():
+        result = run_ablation(store_dir, work_dir=work, seeds=seeds, taus=tuple(tau), device=device)
+    for split in ("test", "validation"):
+        if split in result["recipes"][0]:
+            typer.echo(f"\n{split} ({result[f'n_{split}']} locations), mean ± std over {seeds} seed(s):")
+            typer.echo(markdown_table(result, split))
+
+
+@app.command()
 def report(work_dir: Annotated[Path, typer.Argument(help="A `geoscout run` work folder.")]) -> None:
     """Build WORK_DIR/report/index.html: scores, map, error CDF, confusion matrix, per-state bars, alpha curve."""
     from .report import build_report
@@ -308,6 +337,7 @@ def run(
     device: Annotated[Optional[str], typer.Option(help="cuda, cpu or auto [default: cuda, falls back to cpu].")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Extraction batch size in views.")] = None,
     bad_images: Annotated[Optional[str], typer.Option(help="fail or mask.")] = None,
+    flip: Annotated[Optional[bool], typer.Option("--flip", help="Also extract mirrored views for flip test-time augmentation (twice the extraction work).")] = None,
     config: Annotated[Optional[Path], typer.Option(help="A TOML file with these settings (a run's WORK/config.toml reproduces it); flags override it.")] = None,
 ) -> None:
     """The whole job: validate, extract, train, ensemble, predict, report.
@@ -322,7 +352,7 @@ def run(
     overrides = dict(
         data_dir=data_dir, work_dir=work, backbones=backbones.split(",") if backbones else None,
         weights=_parse_weights(weights) or None, presets=preset or None, device=device, batch_size=batch_size,
-        bad_images=bad_images,
+        bad_images=bad_images, flip=flip,
     )
     with _expected_failures():
         if config is not None:

@@ -43,6 +43,7 @@ class RunConfig:
     workers: int = -1
     bad_images: str = "fail"
     seed: int = 0
+    flip: bool = False  # also extract mirrored views, for the ensemble's flip TTA (twice the extraction work)
 
     def __post_init__(self) -> None:
         self.data_dir, self.work_dir = Path(self.data_dir), Path(self.work_dir)
@@ -137,7 +138,7 @@ def run_pipeline(config: RunConfig, *, progress: bool = True, log: Callable[[str
 
     log("[run]  extract (resumes; skips complete stores)")
     extract(config.data_dir, store, backbones=config.backbones, weights=config.weights, device=config.device,
-            batch_size=config.batch_size, workers=config.workers, bad_images=config.bad_images,
+            batch_size=config.batch_size, workers=config.workers, bad_images=config.bad_images, flip=config.flip,
             check_images=False, progress=progress)
     store_keys = {b: read_store_attrs(features_path(store, "train", b))["backbone_fingerprint"] for b in config.backbones}
 
@@ -158,7 +159,7 @@ def run_pipeline(config: RunConfig, *, progress: bool = True, log: Callable[[str
                    lambda: train_regressor_stage(store, heads, rb, device=config.device, seed=config.seed, progress=progress),
                    [heads.regressor])
         if len(config.backbones) == 2:
-            stages.run(f"{preset}.ensemble", _key("ensemble", preset, classifier_keys, regressor_key),
+            stages.run(f"{preset}.ensemble", _key("ensemble", preset, classifier_keys, regressor_key, config.flip),
                        lambda: fit_ensemble_stage(store, heads, config.backbones, device=config.device),
                        [heads.ensemble])
         evaluation = evaluate_stage(store, heads, device=config.device)

@@ -17,7 +17,7 @@ import polars as pl
 
 from .data import TEST_CSV
 from .heads.pipeline import (
-    EvaluationResult, evaluate, fit_ensemble, predict, train_classifier, train_regressor,
+    EvaluationResult, evaluate, fit_ensemble, needs_gallery, predict, train_classifier, train_regressor,
 )
 from .heads.split import load_validation_split, make_validation_split, save_validation_split
 from .heads.submission import class_ids_to_state_idx, to_submission_frame
@@ -149,8 +149,11 @@ def validation_predictions(store_dir: Path, heads: HeadPaths, *, device: str) ->
 
     backbones = heads.trained_backbones()
     train = load_train(store_dir, backbones)
-    val = train.subset(np.flatnonzero(validation_mask(store_dir, train)))
-    pred = predict(val, **_prediction_source(heads, backbones), device=device)
+    mask = validation_mask(store_dir, train)
+    val = train.subset(np.flatnonzero(mask))
+    source = _prediction_source(heads, backbones)
+    gallery = train.subset(np.flatnonzero(~mask)) if needs_gallery(source.get("ensemble_dir")) else None
+    pred = predict(val, **source, device=device, gallery=gallery)
     top5 = class_ids_to_state_idx(pred.top5, val.classes)
     columns = {
         "sample_id": val.sample_id,
@@ -171,7 +174,9 @@ def predict_stage(store_dir: Path, heads: HeadPaths, out: Path, *, device: str, 
     if not backbones:
         raise FileNotFoundError(f"no classifiers under {Path(heads.root) / heads.preset}; run `geoscout train` first")
     test = read_split(store_dir, "test", backbones)
-    pred = predict(test, **_prediction_source(heads, backbones), device=device)
+    source = _prediction_source(heads, backbones)
+    gallery = load_train(store_dir, backbones) if needs_gallery(source.get("ensemble_dir")) else None
+    pred = predict(test, **source, device=device, gallery=gallery)
     top5 = class_ids_to_state_idx(pred.top5, test.classes)
     template_path = Path(template) if template else Path(read_manifest(store_dir)["data_dir"]) / TEST_CSV
     if not template_path.exists():

@@ -14,6 +14,8 @@ import polars as pl
 import pytest
 
 from geoscout.data import load_competition
+from geoscout.extract.backbones import load_backbone
+from geoscout.extract.dataset import ViewsDataset
 from geoscout.extract.runner import StoreConflict, extract
 from geoscout.problems import InputError
 from geoscout.store.reader import StoreError, read_split
@@ -143,6 +145,27 @@ def test_store_of_other_data_is_refused(synth_master, reference_store, tmp_path)
     shutil.copy(other_store / "train.tiny-clip-random.h5", store / "train.tiny-clip-random.h5")
     with pytest.raises(StoreError, match="other data"):
         read_split(store, "train", ["tiny-clip-random"])
+
+
+def test_flip_embeds_the_mirrored_views_beside_the_plain_ones(synth_master, reference_store, tmp_path):
+    store = tmp_path / "store"
+    name = "tiny-convnext-random"
+    run_extract(synth_master, store, backbones=[name], splits=("train",), flip=True)
+    with h5py.File(store / f"train.{name}.h5", "r") as f, h5py.File(reference_store / f"train.{name}.h5", "r") as ref:
+        flipped = f["features_flip"][()]
+        np.testing.assert_array_equal(f["features"][()], ref["features"][()])  # the plain features are untouched
+    # each mirrored view is the backbone's embedding of that view flipped left-right, in the same slot
+    embedder = load_backbone(name, None).embedder
+    _, images, _, _ = ViewsDataset(load_competition(synth_master).train, bad_images="fail")[2]
+    expected = embedder(images.flip(-1))["features"].numpy()
+    np.testing.assert_allclose(flipped[2].astype(np.float32), expected, rtol=1e-2, atol=1e-2)
+    assert not np.allclose(flipped[2].astype(np.float32), embedder(images)["features"].numpy(), atol=1e-2)
+    np.testing.assert_array_equal(read_split(store, "train", [name]).flipped[name], flipped)
+    # a plain run is served by the --flip store; a --flip run does not take a plain store for one
+    assert run_extract(synth_master, store, backbones=[name], splits=("train",)).written == []
+    plain = Path(shutil.copytree(reference_store, tmp_path / "plain"))
+    with pytest.raises(StoreConflict, match="without --flip"):
+        run_extract(synth_master, plain, backbones=[name], splits=("train",), flip=True)
 
 
 def test_bad_image_fail_policy_lists_the_file(synth_dir, tmp_path):

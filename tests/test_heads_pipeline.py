@@ -117,7 +117,7 @@ def test_checkpoints_round_trip_to_the_same_predictions(run):
 
 def test_predict_on_an_unlabelled_split(run):
     test = make_planted_features(n=50, seed=9, labelled=False, split="test")
-    top5, lat, lon = predict(test, ensemble_dir=run["root"] / "ensemble")
+    top5, lat, lon = predict(test, ensemble_dir=run["root"] / "ensemble", gallery=run["train"])  # the default retrieves
     assert top5.shape == (50, 5) and lat.shape == lon.shape == (50,)
     assert ((top5 >= 0) & (top5 < len(test.classes))).all()
     assert np.isfinite(lat).all() and np.isfinite(lon).all()

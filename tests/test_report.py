@@ -245,3 +245,16 @@ def test_val_predictions_without_a_column_is_an_error(synth_master, tmp_path):
     pl.read_csv(csv).drop("km").write_csv(csv)
     with pytest.raises(ValueError, match="km"):
         build_report(work)
+
+
+def test_an_ablation_table_gets_its_own_section(synth_master, tmp_path):
+    work = write_work_dir(tmp_path / "work", synth_master)
+    metric = {k: {"mean": 0.5, "std": 0.01} for k in ("score", "classification_score", "gps_score", "mean_km", "median_km")}
+    ablation = {"seeds": 3, "backbones": ["tiny-clip-random", "tiny-convnext-random"], "n_validation": 30, "n_test": None,
+                "recipes": [{"name": name, "validation": metric} for name in ("seed", "default - geocells")]}
+    (work / "eval" / "ablation.json").write_text(json.dumps(ablation))
+    page = parse(build_report(work))
+    assert "Ablation" in page.headings["ablation"]
+    text = (work / "report" / "index.html").read_text(encoding="utf-8")
+    assert "default - geocells" in text and "validation (30 locations)" in text
+    assert "ablation" not in parse(build_report(write_work_dir(tmp_path / "plain", synth_master))).headings

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from ..data import SPLITS, VIEWS, Competition, SplitTable, find_image_problems, load_competition
 from ..device import resolve_device
 from ..problems import InputError
-from ..store.layout import MANIFEST, SCHEMA_VERSION, atomic_write_text, backbone_fingerprint, features_path, samples_path, shard_dir
+from ..store.layout import FLIP_DATASET, MANIFEST, SCHEMA_VERSION, atomic_write_text, backbone_fingerprint, features_path, samples_path, shard_dir
 from ..store.writer import ShardedWriter, StoreIdentity, matches
 from .backbones import get_spec, load_backbone, preprocessing_record
 from .dataset import DECODE_SIZE, ShardBatchSampler, ViewsDataset, collate_views
@@ -110,12 +110,14 @@ class _ShardAssembler:
             f.result()  # re-raises a failed write here
 
 
-def _embed(embedders: dict, images: torch.Tensor, ok: torch.Tensor) -> dict[str, dict[str, np.ndarray]]:
+def _embed(embedders: dict, images: torch.Tensor, ok: torch.Tensor, *, flip: bool) -> dict[str, dict[str, np.ndarray]]:
     b = images.shape[0]
     flat = images.flatten(0, 1)  # (B*4, 3, S, S): every view is embedded independently
     out = {}
     for name, embedder in embedders.items():
         result = embedder(flat)
+        if flip:  # mirrored on the device: the uint8 batch is already there, no second decode
+            result[FLIP_DATASET] = embedder(flat.flip(-1))["features"]
         out[name] = {
             key: (value.float().reshape(b, len(VIEWS), -1) * ok[..., None].to(value.device)).to(torch.float16).cpu().numpy()
             for key, value in result.items()
@@ -138,12 +140,14 @@ def extract(
     compile: bool = False,
     overwrite: bool = False,
     check_images: bool = True,
+    flip: bool = False,
     progress: bool = True,
 ) -> ExtractResult:
     """Embed every view of `splits` with each backbone into `store_dir` (see store/layout.py).
 
     Rerunning after a crash resumes from the last whole shard. Under torchrun, ranks split the
     shards and rank 0 seals the files, which come out identical to a single-process run.
+    `flip` also embeds every view mirrored left-right, as `features_flip` (flip test-time augmentation).
     """
     store_dir = Path(store_dir)
     # canonical names, so an alias never creates a second store of the same backbone
@@ -189,7 +193,8 @@ def extract(
             spec = loaded[name].spec  # as loaded: a CLIP checkpoint's config decides its sizes
             spec_dict = json.loads(json.dumps(asdict(spec), default=str))
             preprocessing = {**preprocessing_record(spec), "decode_size": DECODE_SIZE}
-            dims = {"features": spec.embed_dim, **({"projected": spec.projected_dim} if spec.projected_dim else {})}
+            dims = {"features": spec.embed_dim, **({"projected": spec.projected_dim} if spec.projected_dim else {}),
+                    **({FLIP_DATASET: spec.embed_dim} if flip else {})}
             identity = StoreIdentity(
                 split=split_name, backbone=name, n_rows=len(table), split_fingerprint=table.fingerprint(),
                 dataset_fingerprint=competition.fingerprint(),
@@ -205,8 +210,8 @@ def extract(
                 continue
             if final.exists() and not overwrite:
                 raise StoreConflict(
-                    f"{final} exists but was made from other rows, weights or preprocessing; "
-                    "pass --overwrite to replace it, or use another store folder"
+                    f"{final} exists but was made from other rows, weights or preprocessing"
+                    f"{' or without --flip' if flip else ''}; pass --overwrite to replace it, or use another store folder"
                 )
             writers[name] = ShardedWriter(store_dir, identity)
         if not writers:
@@ -221,7 +226,7 @@ def extract(
         n_views += _run_split(
             table, writers, mine, {n: loaded[n].embedder for n in writers}, torch_device,
             locations_per_batch=locations_per_batch, workers=workers, bad_images=bad_images,
-            compile=compile, progress=progress and ranks.is_main, first=first,
+            compile=compile, flip=flip, progress=progress and ranks.is_main, first=first,
         )
         ok = ranks.all_ok(True)
         if ranks.is_main and ok:
@@ -234,7 +239,7 @@ def extract(
     return result
 
 
-def _run_split(table, writers, shards, embedders, device, *, locations_per_batch, workers, bad_images, compile, progress, first) -> int:
+def _run_split(table, writers, shards, embedders, device, *, locations_per_batch, workers, bad_images, compile, flip, progress, first) -> int:
     if not shards:
         return 0
     if compile:
@@ -252,7 +257,7 @@ def _run_split(table, writers, shards, embedders, device, *, locations_per_batch
         assembler = _ShardAssembler(writers, shards, pool, table)
         for rows, images, ok, errors in loader:
             images = images.to(device, non_blocking=True)
-            outputs = _embed(embedders, images, ok)
+            outputs = _embed(embedders, images, ok, flip=flip)
             assembler.add(rows.numpy(), outputs, ok.numpy(), errors)
             bar.update(len(rows) * len(VIEWS))
         assembler.wait()

@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..store.features import SplitFeatures
+from .geocells import Geocells
 from .models import ClassifierConfig, RegressorConfig, Scout, Sniper
 from .presets import config_from_dict
 
@@ -34,7 +35,7 @@ class HeadCard:
     backbone: str
     config: dict
     classes: list[int]  # state_idx of each class id
-    centroids: list[list[float]]  # (C, 2) degrees, from the training rows
+    centroids: list[list[float]]  # (K, 2) degrees: each geocell's centroid, from the training rows
     dataset_fingerprint: str
     backbone_fingerprint: str
     feature_dim: int  # the backbone's embedding size
@@ -42,7 +43,13 @@ class HeadCard:
     validation_digest: str  # which rows were held out (see split.validation_digest)
     metrics: dict = field(default_factory=dict)
     classifier_sha256: str = ""  # a Sniper: the weights of the Scout whose outputs it reads
+    # The class id of each geocell; empty: one cell per class, in class order (heads from before geocells).
+    cell_class: list[int] = field(default_factory=list)
     format: str = CARD_FORMAT
+
+    def geocells(self) -> Geocells:
+        cell_class = self.cell_class or list(range(len(self.classes)))
+        return Geocells(np.asarray(cell_class, dtype=np.int64), np.asarray(self.centroids, dtype=np.float64), len(self.classes))
 
 
 def weights_sha256(head_dir: Path) -> str:
@@ -98,7 +105,7 @@ def _check_kind(card: HeadCard, kind: str, head_dir: Path) -> None:
 def load_classifier(head_dir: Path) -> tuple[Scout, HeadCard]:
     card = read_card(head_dir)
     _check_kind(card, "classifier", head_dir)
-    module = Scout(config_from_dict(ClassifierConfig, card.config), card.input_dim, len(card.classes))
+    module = Scout(config_from_dict(ClassifierConfig, card.config), card.input_dim, len(card.centroids))
     _load_weights(module, head_dir)
     return module, card
 
@@ -106,7 +113,7 @@ def load_classifier(head_dir: Path) -> tuple[Scout, HeadCard]:
 def load_regressor(head_dir: Path) -> tuple[Sniper, HeadCard]:
     card = read_card(head_dir)
     _check_kind(card, "regressor", head_dir)
-    module = Sniper(config_from_dict(RegressorConfig, card.config), card.input_dim, len(card.classes))
+    module = Sniper(config_from_dict(RegressorConfig, card.config), card.input_dim, len(card.centroids))
     _load_weights(module, head_dir)
     return module, card
 

@@ -1,4 +1,5 @@
-"""What makes a Scout a classifier for the loop: batches from fp16 features, cross-entropy, top-5 + centroid."""
+"""What makes a Scout a classifier for the loop: batches from fp16 features, cross-entropy over geocells
+(hard or haversine-smoothed targets), top-5 states + the anchor cell's centroid."""
 
 from __future__ import annotations
 
@@ -7,18 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..geo import spherical_mean
+from .geocells import Geocells
+from .smoothing import haversine_soft_targets
 from .training import Batch, Prediction, top5_from_logits
-
-
-def class_centroids(class_id: np.ndarray, latlon: np.ndarray, num_classes: int) -> np.ndarray:
-    """(C, 2) spherical mean of each class's coordinates; a class without rows gets the overall mean."""
-    overall = spherical_mean(latlon[:, 0], latlon[:, 1])
-    out = np.empty((num_classes, 2))
-    for c in range(num_classes):
-        rows = class_id == c
-        out[c] = spherical_mean(latlon[rows, 0], latlon[rows, 1]) if rows.any() else overall
-    return out
 
 
 def view_batch(features: np.ndarray, masks: np.ndarray, rows: np.ndarray, device: torch.device) -> Batch:
@@ -30,21 +22,32 @@ def view_batch(features: np.ndarray, masks: np.ndarray, rows: np.ndarray, device
 
 
 class ClassifierObjective:
-    def __init__(self, features: np.ndarray, masks: np.ndarray, class_id: np.ndarray, centroids: np.ndarray, *, label_smoothing: float):
-        self.features, self.masks, self.class_id = features, masks, class_id
-        self.centroids = centroids
+    """`cell_id` and `latlon` are the training targets of every row (validation rows are scored, not fitted)."""
+
+    def __init__(self, features: np.ndarray, masks: np.ndarray, cell_id: np.ndarray, latlon: np.ndarray, geocells: Geocells,
+                 *, label_smoothing: float, haversine_tau_km: float, haversine_within_state: bool):
+        self.features, self.masks, self.cell_id, self.latlon = features, masks, cell_id, latlon
+        self.geocells = geocells
         self.label_smoothing = label_smoothing
+        self.haversine_tau_km = haversine_tau_km
+        self.smoothing_group = geocells.cell_class if haversine_within_state else None
 
     def batch(self, rows: np.ndarray, device: torch.device) -> Batch:
-        return {**view_batch(self.features, self.masks, rows, device), "y": torch.from_numpy(self.class_id[rows]).to(device)}
+        batch = {**view_batch(self.features, self.masks, rows, device), "y": torch.from_numpy(self.cell_id[rows]).to(device)}
+        if self.haversine_tau_km:
+            targets = haversine_soft_targets(self.latlon[rows], self.cell_id[rows], self.geocells.centroids,
+                                             tau_km=self.haversine_tau_km, group=self.smoothing_group)
+            batch["y"] = torch.from_numpy(targets).to(device)
+        return batch
 
     def loss(self, module: nn.Module, batch: Batch) -> torch.Tensor:
         return F.cross_entropy(module(batch["x"], batch["mask"]), batch["y"], label_smoothing=self.label_smoothing)
 
     def predict(self, module: nn.Module, batch: Batch) -> Prediction:
-        top5 = top5_from_logits(module(batch["x"], batch["mask"]))
-        latlon = self.centroids[top5[:, 0]]
-        return Prediction(top5, latlon[:, 0], latlon[:, 1])
+        logits = module(batch["x"], batch["mask"])
+        cell, _ = self.geocells.anchor_cells(logits)
+        latlon = self.geocells.centroids[cell]
+        return Prediction(top5_from_logits(self.geocells.class_logits(logits)), latlon[:, 0], latlon[:, 1])
 
 
 def classifier_outputs(

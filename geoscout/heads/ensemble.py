@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from .decode import DecodeConfig
+from .geocells import Geocells
 
 
 @dataclass
@@ -16,6 +19,10 @@ class EnsembleConfig:
     alpha_steps: int = 21  # grid 0, 1/(steps-1), ..., 1
     temperature: bool = True  # divide each member's logits by a temperature fitted on validation (NLL)
     first_member: str = "clip"  # the member whose backbone name contains this (if exactly one) is A
+    # Flip test-time augmentation (tta.py): "none", "swap" (mirrored East view in the West slot) or
+    # "naive"; used where the store has features_flip (extract --flip), else left out with a warning.
+    flip_tta: str = "none"
+    decode: DecodeConfig = field(default_factory=DecodeConfig)
 
 
 def member_order(backbones: list[str], first_member: str) -> list[str]:
@@ -27,12 +34,13 @@ def member_order(backbones: list[str], first_member: str) -> list[str]:
     return [first, *(b for b in backbones if b != first)]
 
 
-def fit_temperature(logits: np.ndarray, class_id: np.ndarray) -> float:
-    """The temperature minimising validation NLL, on a log grid from 0.05 to 20 (deterministic, no optimiser)."""
+def fit_temperature(logits: np.ndarray, class_id: np.ndarray, geocells: Geocells) -> float:
+    """The temperature of the cell logits minimising the validation NLL of the true states, on a log
+    grid from 0.05 to 20 (deterministic, no optimiser)."""
     z = torch.as_tensor(logits, dtype=torch.float64)
     y = torch.as_tensor(class_id)
     grid = np.exp(np.linspace(np.log(0.05), np.log(20.0), 241))
-    nll = [F.cross_entropy(z / t, y).item() for t in grid]
+    nll = [F.cross_entropy(geocells.class_logits(z / t), y).item() for t in grid]
     return float(grid[int(np.argmin(nll))])
 
 

@@ -20,6 +20,15 @@ class ClassifierConfig:
     norm: str = "layer"  # a key of NORMS; "batch" is the seed's
     dropout: float = 0.3
     label_smoothing: float = 0.1
+    # Geocells: the classes become about this many cells, k-means inside each state, proportional to
+    # its training rows (see geocells.py); 0: one cell per state.
+    geocells: int = 0
+    min_cell_rows: int = 30  # no state is cut into cells of fewer training rows than this on average
+    # Haversine label smoothing (PIGEON): soft targets exp(-(d_i - d_true) / tau) over the cells; 0: off.
+    haversine_tau_km: float = 0.0
+    # Smooth only over the cells of the true state (needs geocells): mass spread across a border
+    # teaches the classifier to confuse neighbouring states, which is 70% of the score.
+    haversine_within_state: bool = True
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
@@ -33,6 +42,10 @@ class RegressorConfig:
     # One unit of network output is this many degrees: the near-zero last layer then starts at the
     # centroid and the optimiser moves in steps of a sensible size.
     offset_scale_deg: float = 5.0
+    # The cell whose centroid the offset starts from while training: "predicted" (the classifier's
+    # top cell, the seed's) or "true" (the location's own cell, so the offset of any cell means
+    # "where inside this cell", which is what expected-distance decoding asks of every candidate).
+    anchor: str = "predicted"
     train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=1e-3, epochs=10))
 
 
@@ -72,11 +85,16 @@ class _ResidualBlock(nn.Module):
         return x + self.body(x)
 
 
+ANCHORS = ("predicted", "true")
+
+
 class Sniper(nn.Module):
-    """(descriptor, top-1 class, top-1 confidence) -> (dlat, dlon) in degrees from that class's centroid."""
+    """(descriptor, a cell, its probability) -> (dlat, dlon) in degrees from that cell's centroid."""
 
     def __init__(self, config: RegressorConfig, descriptor_dim: int, num_classes: int):
         super().__init__()
+        if config.anchor not in ANCHORS:
+            raise ValueError(f"unknown regressor anchor {config.anchor!r}; available: {list(ANCHORS)}")
         self.append_confidence = config.append_confidence
         self.offset_scale_deg = config.offset_scale_deg
         self.descriptor_norm = nn.LayerNorm(descriptor_dim)
@@ -99,7 +117,7 @@ class Sniper(nn.Module):
 
 
 def apply_offset(centroids: torch.Tensor, top1: torch.Tensor, offset_deg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(lat, lon) = centroid of the top-1 class + offset; latitude clamped, longitude wrapped to [-180, 180)."""
+    """(lat, lon) = centroid of the given cell + offset; latitude clamped, longitude wrapped to [-180, 180)."""
     base = centroids[top1]
     lat = (base[:, 0] + offset_deg[:, 0]).clamp(-90.0, 90.0)
     lon = torch.remainder(base[:, 1] + offset_deg[:, 1] + 180.0, 360.0) - 180.0

@@ -22,6 +22,9 @@ class SplitFeatures:
     # backbone's identity (spec + weights + preprocessing). Empty for features made in memory.
     dataset_fingerprint: str = ""
     backbone_fingerprints: dict[str, str] = field(default_factory=dict)
+    # backbone name -> (N, 4, D) float16 features of the left-right mirrored views, same slots as
+    # `features` (no East/West swap); only for stores extracted with --flip.
+    flipped: dict[str, np.ndarray] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         n = len(self.sample_id)
@@ -30,6 +33,8 @@ class SplitFeatures:
                 raise ValueError(f"features of {name!r} have shape {f.shape}; expected ({n}, 4, D)")
             if self.masks[name].shape != (n, len(VIEWS)):
                 raise ValueError(f"mask of {name!r} has shape {self.masks[name].shape}; expected ({n}, 4)")
+            if name in self.flipped and self.flipped[name].shape != f.shape:
+                raise ValueError(f"flipped features of {name!r} have shape {self.flipped[name].shape}; expected {f.shape}")
         for name, arr in (("class_id", self.class_id), ("latlon", self.latlon)):
             if arr is not None and len(arr) != n:
                 raise ValueError(f"{name} has {len(arr)} rows; expected {n}")
@@ -52,4 +57,5 @@ class SplitFeatures:
             latlon=None if self.latlon is None else self.latlon[rows],
             dataset_fingerprint=self.dataset_fingerprint,
             backbone_fingerprints=dict(self.backbone_fingerprints),
+            flipped={k: v[rows] for k, v in self.flipped.items()},
         )

@@ -3,7 +3,10 @@
 STORE_DIR/
   store.json               the dataset this store belongs to (fingerprint, classes)
   {split}.samples.csv      sample_id, state_idx, class_id, latitude, longitude (labels empty for test)
-  {split}.{backbone}.h5    features (N,4,D) f16, [projected (N,4,P) f16], mask (N,4) bool, sample_id (N,) i8
+  {split}.{backbone}.h5    features (N,4,D) f16, [projected (N,4,P) f16], [features_flip (N,4,D) f16],
+                           mask (N,4) bool, sample_id (N,) i8
+                           features_flip (extract --flip): each view mirrored left-right, in the same
+                           N/E/S/W slots (the East/West swap of a mirrored world is left to the heads)
   {split}.{backbone}.bad_views.csv   views masked by --bad-images mask (sample_id, view, file, error)
   validation_split.json    the validation rows every head shares (written by the first `train`)
   .shards/{split}.{backbone}/        work in progress; removed once the .h5 is sealed
@@ -18,6 +21,7 @@ from pathlib import Path
 
 SCHEMA_VERSION = 1
 MANIFEST = "store.json"
+FLIP_DATASET = "features_flip"
 
 
 def features_path(store_dir: Path, split: str, backbone: str) -> Path:

@@ -12,7 +12,7 @@ import polars as pl
 
 from ..data import VIEWS
 from .features import SplitFeatures
-from .layout import MANIFEST, SCHEMA_VERSION, features_path, samples_path
+from .layout import FLIP_DATASET, MANIFEST, SCHEMA_VERSION, features_path, samples_path
 
 
 class StoreError(ValueError):
@@ -98,11 +98,13 @@ def read_split(store_dir: Path, split: str, backbones: list[str]) -> SplitFeatur
         raise StoreError("no backbone named")
     table = read_samples(store_dir, split)
     sample_id = table["sample_id"].to_numpy().astype(np.int64)
-    features, masks, fingerprints = {}, {}, {}
+    features, masks, fingerprints, flipped = {}, {}, {}, {}
     for name in backbones:
         with open_checked(store_dir, split, name, manifest=manifest, sample_id=sample_id) as f:
             features[name], masks[name] = _read_contiguous(f["features"]), _read_contiguous(f["mask"])
             fingerprints[name] = str(f.attrs["backbone_fingerprint"])
+            if FLIP_DATASET in f:
+                flipped[name] = _read_contiguous(f[FLIP_DATASET])
     labelled = table["class_id"].null_count() == 0
     return SplitFeatures(
         split=split,
@@ -114,4 +116,5 @@ def read_split(store_dir: Path, split: str, backbones: list[str]) -> SplitFeatur
         latlon=table.select("latitude", "longitude").to_numpy().astype(np.float64) if labelled else None,
         dataset_fingerprint=manifest["dataset_fingerprint"],
         backbone_fingerprints=fingerprints,
+        flipped=flipped,
     )

@@ -163,9 +163,13 @@ def sealed_identity(path: Path) -> dict | None:
 
 
 def matches(path: Path, identity: StoreIdentity) -> bool:
+    """A sealed file of the same numbers holding at least the wanted outputs (a --flip store serves a plain run)."""
     attrs = sealed_identity(path)
     if attrs is None:
         return False
     want = identity.attrs()
     keys = ("schema_version", "split_fingerprint", "dataset_fingerprint", "backbone_fingerprint")
-    return all(str(attrs.get(k)) == str(want[k]) for k in keys) and bool(attrs.get("complete"))
+    if not (all(str(attrs.get(k)) == str(want[k]) for k in keys) and bool(attrs.get("complete"))):
+        return False
+    with h5py.File(path, "r") as f:
+        return set(identity.dims) <= set(f)
