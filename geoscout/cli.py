@@ -116,7 +116,7 @@ def extract(
     weights: Annotated[list[str], typer.Option(help="BACKBONE=PATH or BACKBONE=HUB_ID: a HuggingFace StreetCLIP folder, a timm checkpoint file, or a hub id when online. Required for real backbones.")] = [],
     split: Annotated[list[str], typer.Option(help="Split(s) to embed: train, test.")] = ["train", "test"],
     device: Annotated[str, typer.Option(help="cuda, cuda:N, cpu or auto; cuda falls back to cpu with a warning.")] = "cuda",
-    batch_size: Annotated[int, typer.Option(help="Views per forward pass (0: 256 on GPU, 64 on CPU).")] = 0,
+    batch_size: Annotated[int, typer.Option(help="Views per forward pass (0: 256 on GPU, 32 on CPU).")] = 0,
     workers: Annotated[int, typer.Option(help="DataLoader decoding processes (-1: up to 8).")] = -1,
     bad_images: Annotated[str, typer.Option(help="fail: stop on a bad image; mask: mask the view, log it, carry on.")] = "fail",
     shard_size: Annotated[int, typer.Option(help="Locations per crash-safe shard.")] = 1024,

@@ -161,7 +161,8 @@ def extract(
             raise ValueError(f"unknown split {s!r}; available: {', '.join(SPLITS)}")
     ranks = init_ranks(device)
     torch_device = resolve_device(device, local_rank=ranks.local_rank)
-    batch_size = batch_size or (256 if torch_device.type == "cuda" else 64)
+    # on CPU, 32 views keep the float copy of a batch under glibc's 32 MB mmap threshold (BENCHMARKS.md)
+    batch_size = batch_size or (256 if torch_device.type == "cuda" else 32)
     locations_per_batch = max(1, batch_size // len(VIEWS))
     if workers < 0:
         workers = min(8, max(1, (os.cpu_count() or 1) // ranks.world_size))
