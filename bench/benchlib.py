@@ -59,3 +59,13 @@ def randomly_initialised(name: str) -> str:
     random = replace(spec, name=f"{spec.name}-random-init", random_init=True, default_weights=None, aliases=())
     backbones.BACKBONES[random.name] = random
     return random.name
+
+
+def evict(path: Path) -> None:
+    """Drop a file's pages from the page cache (no root needed): the next read hits the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)

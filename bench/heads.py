@@ -44,6 +44,7 @@ import numpy as np
 import polars as pl
 import torch
 
+from benchlib import evict
 from geoscout.geo import spherical_mean
 from geoscout.heads import (
     classifier_preset, fit_ensemble, make_validation_split, predict, regressor_preset, train_classifier,
@@ -176,16 +177,6 @@ def write_store(store_dir: Path, splits: dict[str, SplitFeatures]) -> None:
                 writer.write_shard(shard, {"features": arr[rows.start:rows.stop]},
                                    feats.masks[backbone][rows.start:rows.stop], [])
             writer.seal(feats.sample_id)
-
-
-def evict(path: Path) -> None:
-    """Drop a file's pages from the page cache (no root needed): the load reads from disk."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
 
 
 # ------------------------------------------------------------------------------------------ probe

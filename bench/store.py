@@ -28,6 +28,7 @@ import h5py
 import numpy as np
 import polars as pl
 
+from benchlib import evict
 from geoscout.store.layout import MANIFEST, SCHEMA_VERSION, atomic_write_text, samples_path
 from geoscout.store.reader import read_features, read_split
 from geoscout.store.writer import ShardedWriter, StoreIdentity
@@ -66,16 +67,6 @@ def build_store(store_dir: Path, rows: int, dim: int, shard_size: int, seed: int
         feats = rng.standard_normal((n, 4, dim), dtype=np.float32).astype(np.float16)
         writer.write_shard(shard, {"features": feats}, np.ones((n, 4), dtype=bool), [])
     return writer.seal(np.arange(rows))
-
-
-def evict(path: Path) -> None:
-    """Drop the file's pages from the page cache (no root needed), so the next read hits the disk."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
 
 
 def warm(path: Path) -> None:
