@@ -9,7 +9,8 @@ from pathlib import Path
 
 from torch.utils.data import DataLoader
 
-from geoscout.data import TRAIN_CSV, VIEWS, load_competition
+from geoscout.competition import TRAIN_CSV, VIEWS
+from geoscout.data import load_competition
 from geoscout.extract import backbones
 from geoscout.extract.dataset import ShardBatchSampler, ViewsDataset, collate_views
 from geoscout.synth import synthesize

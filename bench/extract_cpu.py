@@ -29,7 +29,8 @@ from pathlib import Path
 import torch
 from benchlib import decode_only, default_workers, ensure_data
 
-from geoscout.data import VIEWS, load_competition
+from geoscout.competition import VIEWS
+from geoscout.data import load_competition
 from geoscout.extract.backbones import load_backbone
 from geoscout.extract.dataset import DECODE_SIZE
 from geoscout.extract.runner import extract

@@ -30,7 +30,8 @@ import torch
 from benchlib import decode_only, default_workers, ensure_data, randomly_initialised
 from torch.utils.flop_counter import FlopCounterMode
 
-from geoscout.data import VIEWS, load_competition
+from geoscout.competition import VIEWS
+from geoscout.data import load_competition
 from geoscout.extract.backbones import load_backbone
 from geoscout.extract.dataset import DECODE_SIZE
 from geoscout.extract.runner import extract

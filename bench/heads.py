@@ -1,6 +1,6 @@
 """The heads at competition scale: time and peak memory of every stage, accuracy against a logistic probe.
 
-Synthetic features with a planted answer (`geoscout.heads.planted.make_planted_features`, its public
+Synthetic features with a planted answer (`geoscout.testing.make_planted_features`, its public
 function): 65,980 training and 16,495 test locations x 4 views, two backbones sharing the labels
 ("streetclip" 1024-d, "convnextv2-large" 1536-d, CLIP- and ConvNeXt-like widths), fp16, 33 classes
 over a USA-like box, position inside a class recoverable, per-view noise, 15% of views masked (their
@@ -34,6 +34,7 @@ import os
 import platform
 import re
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -43,20 +44,27 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import torch
-
 from benchlib import evict
+
+from geoscout.atomic import atomic_write_text
+from geoscout.competition import NO_PREDICTION
 from geoscout.geo import spherical_mean
 from geoscout.heads import (
-    classifier_preset, fit_ensemble, make_validation_split, predict, regressor_preset, train_classifier,
+    classifier_preset,
+    fit_ensemble,
+    make_validation_split,
+    predict,
+    regressor_preset,
+    train_classifier,
     train_regressor,
 )
-from geoscout.heads.pipeline import needs_gallery
-from geoscout.heads.planted import make_planted_features
-from geoscout.metric import NO_PREDICTION, score_predictions
+from geoscout.heads.api import needs_gallery
+from geoscout.metric import score_predictions
 from geoscout.store.features import SplitFeatures
-from geoscout.store.layout import MANIFEST, SCHEMA_VERSION, atomic_write_text, features_path, samples_path
+from geoscout.store.layout import MANIFEST, SCHEMA_VERSION, features_path, samples_path
 from geoscout.store.reader import read_split
 from geoscout.store.writer import ShardedWriter, StoreIdentity
+from geoscout.testing import make_planted_features
 
 CLIP, CONVNEXT = "streetclip", "convnextv2-large"  # the names steer presets: "clip" leads the ensemble and feeds the regressor
 FULL = dict(train=65_980, test=16_495, dims={CLIP: 1024, CONVNEXT: 1536})
@@ -307,8 +315,8 @@ def apply_speedups(names: list[str], *, pca_dim: int) -> None:
     from sklearn.utils.extmath import randomized_svd
 
     from geoscout import knn
+    from geoscout.heads import api as hp
     from geoscout.heads import classifier as hc
-    from geoscout.heads import pipeline as hp
     from geoscout.heads import retrieval as hr
     from geoscout.heads.smoothing import haversine_soft_targets
 
@@ -424,6 +432,7 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(args.threads)
         from threadpoolctl import threadpool_limits
         threadpool_limits(args.threads)  # numpy's BLAS and faiss's OpenMP too (the probe's and the retrieval's)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a plain `kill` still removes the temporary folder
     speedups = list(SPEEDUPS) if args.speedups == "all" else [x for x in args.speedups.split(",") if x]
     if speedups:
         apply_speedups(speedups, pca_dim=args.pca_dim)

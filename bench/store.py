@@ -27,9 +27,10 @@ from pathlib import Path
 import h5py
 import numpy as np
 import polars as pl
-
 from benchlib import evict
-from geoscout.store.layout import MANIFEST, SCHEMA_VERSION, atomic_write_text, samples_path
+
+from geoscout.atomic import atomic_write_text
+from geoscout.store.layout import MANIFEST, SCHEMA_VERSION, samples_path
 from geoscout.store.reader import read_features, read_split
 from geoscout.store.writer import ShardedWriter, StoreIdentity
 

@@ -19,18 +19,18 @@ from typing import Callable
 
 import numpy as np
 
+from .atomic import atomic_write_text
+from .competition import TEST_TRUTH_CSV
+from .heads.api import fit_ensemble, predict, train_classifier, train_regressor
 from .heads.ensemble import EnsembleConfig
 from .heads.models import ClassifierConfig, RegressorConfig
-from .heads.pipeline import fit_ensemble, predict, train_classifier, train_regressor
 from .heads.presets import classifier_preset, config_to_dict, ensemble_preset, regressor_preset
 from .metric import read_truth, score_predictions
-from .store.features import SplitFeatures
-from .store.layout import atomic_write_text
-from .store.reader import read_manifest, read_split
 from .stages import load_train, regressor_backbone, validation_mask
+from .store.features import SplitFeatures
+from .store.reader import read_manifest, read_split
 
 TABLE_KEYS = ("score", "classification_score", "gps_score", "mean_km", "median_km")
-TRUTH_CSV = "test_ground_truth.csv"  # written by `geoscout synth`; the competition keeps it secret
 
 
 @dataclass(frozen=True)
@@ -115,7 +115,7 @@ def _key(*configs) -> str:
 
 def _test_truth(store_dir: Path, test: SplitFeatures) -> tuple[np.ndarray, np.ndarray] | None:
     """(class ids, latlon) of the test rows in store order, or None without a truth file."""
-    path = Path(read_manifest(store_dir)["data_dir"]) / TRUTH_CSV
+    path = Path(read_manifest(store_dir)["data_dir"]) / TEST_TRUTH_CSV
     if not path.exists():
         return None
     truth = read_truth(path)

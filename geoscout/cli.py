@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import json
 import sys
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from .problems import InputError
+from .device import DEVICE_HELP
+from .errors import GeoscoutError, GeoscoutWarning
 
 app = typer.Typer(
     help="geoscout: where in the USA is this street view? Feature store + lightweight heads.",
@@ -20,17 +22,25 @@ app = typer.Typer(
 )
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings as plain sentences: no file name, line number or source echo."""
+    kind = "" if issubclass(category, GeoscoutWarning) else f" ({category.__name__})"
+    print(f"warning{kind}: {message}", file=sys.stderr, flush=True)
+
+
 @contextmanager
 def _expected_failures():
-    """Bad input is the user's to fix: print what is wrong, exit 1, no traceback."""
+    """What the user can fix (GeoscoutError) is one line and exit 1; anything else is a bug and keeps
+    its traceback."""
+    previous = warnings.showwarning
+    warnings.showwarning = _show_warning
     try:
         yield
-    except InputError as exc:
+    except GeoscoutError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None
-    except (FileNotFoundError, ValueError) as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(1) from None
+    finally:
+        warnings.showwarning = previous
 
 
 @app.command()
@@ -115,7 +125,7 @@ def extract(
     backbone: Annotated[list[str], typer.Option("--backbone", "-b", help="Backbone(s) to embed with; repeat for several (each view is decoded once for all). See `geoscout backbones`.")],
     weights: Annotated[list[str], typer.Option(help="BACKBONE=PATH or BACKBONE=HUB_ID: a HuggingFace StreetCLIP folder, a timm checkpoint file, or a hub id when online. Required for real backbones.")] = [],
     split: Annotated[list[str], typer.Option(help="Split(s) to embed: train, test.")] = ["train", "test"],
-    device: Annotated[str, typer.Option(help="cuda, cuda:N, cpu or auto; cuda falls back to cpu with a warning.")] = "cuda",
+    device: Annotated[str, typer.Option(help=f"Where the backbones run: {DEVICE_HELP}.")] = "auto",
     batch_size: Annotated[int, typer.Option(help="Views per forward pass (0: 256 on GPU, 32 on CPU).")] = 0,
     workers: Annotated[int, typer.Option(help="DataLoader decoding processes (-1: up to 8).")] = -1,
     bad_images: Annotated[str, typer.Option(help="fail: stop on a bad image; mask: mask the view, log it, carry on.")] = "fail",
@@ -182,7 +192,7 @@ def knn(
 
 HeadsOption = Annotated[Path, typer.Option("--heads", help="Folder of trained heads (HEADS/PRESET/classifier-BACKBONE, regressor, ensemble).")]
 PresetOption = Annotated[str, typer.Option(help="Head recipe: default (fast, tuned) or seed (the reference design).")]
-DeviceOption = Annotated[str, typer.Option(help="cuda, cuda:N, cpu or auto; cuda falls back to cpu with a warning.")]
+DeviceOption = Annotated[str, typer.Option(help=f"Where the heads run: {DEVICE_HELP}.")]
 SeedOption = Annotated[int, typer.Option(help="Random seed (training is deterministic on CPU for a seed).")]
 
 
@@ -201,7 +211,7 @@ def train(
     backbone: Annotated[str, typer.Option(help="Backbone whose features to train on.")],
     heads: HeadsOption = Path("heads"),
     preset: PresetOption = "default",
-    device: DeviceOption = "cuda",
+    device: DeviceOption = "auto",
     seed: SeedOption = 0,
 ) -> None:
     """Train a state classifier (view fusion + head) on one backbone's cached features.
@@ -223,7 +233,7 @@ def train_regressor(
     backbone: Annotated[str, typer.Option(help="The trained classifier whose outputs the regressor reads.")],
     heads: HeadsOption = Path("heads"),
     preset: PresetOption = "default",
-    device: DeviceOption = "cuda",
+    device: DeviceOption = "auto",
     seed: SeedOption = 0,
 ) -> None:
     """Train the residual regressor: the offset from the predicted state's centroid, haversine loss."""
@@ -241,7 +251,7 @@ def ensemble(
     backbone: Annotated[list[str], typer.Option("--backbone", "-b", help="The two classifiers to combine (repeat; default: the two trained).")] = [],
     heads: HeadsOption = Path("heads"),
     preset: PresetOption = "default",
-    device: DeviceOption = "cuda",
+    device: DeviceOption = "auto",
 ) -> None:
     """Fit the logit-level ensemble alpha*A + (1-alpha)*B of two classifiers on validation."""
     from .stages import fit_ensemble_stage
@@ -260,7 +270,7 @@ def evaluate(
     store_dir: Annotated[Path, typer.Argument(help="Feature store folder.")],
     heads: HeadsOption = Path("heads"),
     preset: PresetOption = "default",
-    device: DeviceOption = "cuda",
+    device: DeviceOption = "auto",
 ) -> None:
     """Print the full metric set on the validation rows for each head, the ensemble and the trivial baseline."""
     from .stages import evaluate_stage
@@ -276,7 +286,7 @@ def predict(
     heads: HeadsOption = Path("heads"),
     preset: PresetOption = "default",
     template: Annotated[Optional[Path], typer.Option(help="sample_submission.csv to fill (default: the store's data folder's).")] = None,
-    device: DeviceOption = "cuda",
+    device: DeviceOption = "auto",
 ) -> None:
     """Write a competition submission for the test split: the ensemble when fitted, else classifier + regressor.
 
@@ -334,7 +344,7 @@ def run(
     backbones: Annotated[Optional[str], typer.Option(help="Comma-separated backbones (one or two) [default: streetclip,convnextv2-large].")] = None,
     weights: Annotated[list[str], typer.Option(help="BACKBONE=PATH or BACKBONE=HUB_ID (repeat).")] = [],
     preset: Annotated[list[str], typer.Option(help="Head recipe(s); the first writes the submission; repeat to compare [default: default].")] = [],
-    device: Annotated[Optional[str], typer.Option(help="cuda, cpu or auto [default: cuda, falls back to cpu].")] = None,
+    device: Annotated[Optional[str], typer.Option(help=f"{DEVICE_HELP} [default: auto].")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Extraction batch size in views.")] = None,
     bad_images: Annotated[Optional[str], typer.Option(help="fail or mask.")] = None,
     flip: Annotated[Optional[bool], typer.Option("--flip", help="Also extract mirrored views for flip test-time augmentation (twice the extraction work).")] = None,
@@ -347,7 +357,7 @@ def run(
     WORK/submission.csv, WORK/store/, WORK/heads/, WORK/report/index.html and the resolved
     WORK/config.toml.
     """
-    from .pipeline import RunConfig, run_pipeline, score_table
+    from .run import RunConfig, run_pipeline, score_table
 
     overrides = dict(
         data_dir=data_dir, work_dir=work, backbones=backbones.split(",") if backbones else None,
@@ -377,7 +387,7 @@ def demo(
     Shows every stage working on a fresh machine without data or weights; the scores say
     nothing about real accuracy.
     """
-    from .pipeline import run_demo
+    from .run import run_demo
 
     with _expected_failures():
         run_demo(work, n_train=train, n_test=test, n_states=states)

@@ -11,24 +11,24 @@ from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
-import polars as pl
 from tqdm.auto import tqdm
 
+from .competition import (
+    CSV_OF_SPLIT,
+    IMAGE_COLUMNS,
+    IMAGE_DIRS,
+    LABEL_COLUMNS,
+    MAPPING_CSV,
+    SPLITS,
+    TEST_CSV,
+    TRAIN_CSV,
+    VIEWS,
+)
+from .csvio import parse_float, parse_int, read_csv_as_text
+from .errors import ConfigError
 from .images import ImageError, check_jpeg
-from .metric import parse_float, parse_int, read_csv_as_text
 from .problems import InputError, Problem, csv_line
 from .states import NUM_STATES, STATES
-
-VIEWS = ("north", "east", "south", "west")
-IMAGE_COLUMNS = tuple(f"image_{v}" for v in VIEWS)
-TRAIN_CSV = "train_ground_truth.csv"
-TEST_CSV = "sample_submission.csv"
-TEST_TRUTH_CSV = "test_ground_truth.csv"  # not in the competition; written by `geoscout synth` for local scoring
-MAPPING_CSV = "state_mapping.csv"
-IMAGE_DIRS = {"train": "train_images", "test": "test_images"}
-CSV_OF_SPLIT = {"train": TRAIN_CSV, "test": TEST_CSV}
-SPLITS = tuple(IMAGE_DIRS)
-LABEL_COLUMNS = ("state", "state_idx", "latitude", "longitude")
 
 
 @dataclass(frozen=True)
@@ -96,7 +96,7 @@ class Competition:
 
     def split(self, name: str) -> SplitTable:
         if name not in IMAGE_DIRS:
-            raise ValueError(f"unknown split {name!r}; available: {', '.join(SPLITS)}")
+            raise ConfigError(f"unknown split {name!r}; available: {', '.join(SPLITS)}")
         return self.train if name == "train" else self.test
 
     def fingerprint(self) -> str:

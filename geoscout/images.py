@@ -7,8 +7,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from .errors import GeoscoutError
 
-class ImageError(ValueError):
+
+class ImageError(GeoscoutError, ValueError):
     """An image that cannot be used: missing, empty, not a JPEG, truncated or corrupt."""
 
 

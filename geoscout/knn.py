@@ -1,185 +1,42 @@
 """Nearest-neighbour diagnostic on one backbone's features: kNN accuracy, near-duplicates, a sample's neighbours.
 
-A location's descriptor is the mean of its embedded views minus the training mean, L2-normalised, so inner product = cosine.
-Everything streams in blocks of rows: the store is read block by block, and exact faiss searches run
-per (database block, query block) with per-block top-k merged in a heap, so memory stays bounded
-however large the store is.
+Descriptors and search come from the index layer (index.py): the mean of a location's embedded views
+minus the training mean, L2-normalised (inner product = cosine), searched exactly with faiss. The store
+is read block by block, so no float32 copy of a whole split's views is ever made.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal
 
-import faiss
-import h5py
 import numpy as np
 import polars as pl
 
-from .data import VIEWS
+from .errors import ConfigError, GeoscoutError
 from .geo import haversine_km, latlon_to_xyz, xyz_to_latlon
-from .heads.split import load_validation_split, make_validation_split
+from .index import (
+    DEFAULT_BLOCK_SIZE,
+    UseGpu,
+    descriptor_center,
+    has_views,
+    index_name,
+    knn_search,
+    location_descriptors,
+    pairs_above,
+)
 from .states import state_name
 from .store.features import SplitFeatures
 from .store.layout import features_path, samples_path
 from .store.reader import StoreError, open_checked, read_manifest, read_samples
+from .store.split import load_validation_split, make_validation_split
 
-DEFAULT_BLOCK_SIZE = 16384
 # A seeded split used only when the caller passes neither a saved split nor a mask.
 FALLBACK_VAL_FRACTION = 0.1
 FALLBACK_VAL_SEED = 0
 # Negative or zero similarities still cast a tiny vote, so a query always gets a prediction.
 VOTE_FLOOR = 1e-6
-GPU_MAX_K = 2048  # faiss GPU flat indexes select at most this many neighbours
 SHOWN_PAIRS = 20  # duplicate pairs printed by format(); to_json() lists all
-
-UseGpu = bool | Literal["auto"]
-
-
-# ---------------------------------------------------------------------------------------- descriptors
-
-
-def _mean_views(features, mask, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
-    """(rows, D) float32 mean of the embedded views of rows start..stop, and how many there were."""
-    block = np.asarray(features[start:stop])
-    block_mask = np.asarray(mask[start:stop], dtype=bool)
-    acc = np.zeros((stop - start, block.shape[2]), dtype=np.float32)
-    for v in range(block.shape[1]):
-        np.add(acc, block[:, v], out=acc, where=block_mask[:, v, None])
-    count = block_mask.sum(axis=1)
-    acc[count > 0] /= count[count > 0, None]
-    return acc, count
-
-
-def descriptor_center(features: np.ndarray | h5py.Dataset, mask: np.ndarray | h5py.Dataset, *,
-                      block_size: int = DEFAULT_BLOCK_SIZE) -> np.ndarray:
-    """(D,) mean location descriptor over rows with a view, read in blocks.
-
-    Backbone embeddings share a large common direction (CLIP's cosine between unrelated images is
-    often 0.5+; a random network's is near 1), which makes raw cosines useless for a duplicate
-    threshold. Subtracting this mean before normalising spreads them out; exact copies stay at 1.
-    """
-    total, rows = np.zeros(features.shape[2], dtype=np.float64), 0
-    for start in range(0, features.shape[0], block_size):
-        acc, count = _mean_views(features, mask, start, min(start + block_size, features.shape[0]))
-        total += acc[count > 0].sum(axis=0, dtype=np.float64)
-        rows += int((count > 0).sum())
-    return (total / max(rows, 1)).astype(np.float32)
-
-
-def location_descriptors(
-    features: np.ndarray | h5py.Dataset, mask: np.ndarray | h5py.Dataset, *,
-    center: np.ndarray | None = None, block_size: int = DEFAULT_BLOCK_SIZE,
-) -> np.ndarray:
-    """(N, D) float32 unit vectors: the mean of each location's embedded views, minus `center`, L2-normalised.
-
-    `features` (N, 4, D) and `mask` (N, 4) may be arrays, memmaps or h5py datasets; rows are read
-    `block_size` at a time and one view converted at a time, so no float32 copy of (N, 4, D) exists.
-    Masked views are skipped (their values, even NaN, never matter); rows with no embedded view
-    come out as zero vectors, which `has_views` reports.
-    """
-    n, views, dim = features.shape
-    if views != len(VIEWS) or mask.shape != (n, views):
-        raise ValueError(f"features {features.shape} and mask {mask.shape} do not describe (N, 4, D) views")
-    out = np.zeros((n, dim), dtype=np.float32)
-    for start in range(0, n, block_size):
-        stop = min(start + block_size, n)
-        acc, count = _mean_views(features, mask, start, stop)
-        if center is not None:
-            acc[count > 0] -= center
-        norms = np.linalg.norm(acc, axis=1)
-        ok = (count > 0) & (norms > 0)
-        acc[ok] /= norms[ok, None]
-        acc[~ok] = 0
-        out[start:stop] = acc
-    return out
-
-
-def has_views(descriptors: np.ndarray) -> np.ndarray:
-    """(N,) bool: False for rows whose descriptor is zero (no embedded view)."""
-    return np.any(descriptors != 0, axis=1)
-
-
-# ---------------------------------------------------------------------------------------- search
-
-
-def resolve_gpu(use_gpu: UseGpu) -> bool:
-    """"auto" uses a GPU when this faiss build has one; True insists on it."""
-    available = faiss.get_num_gpus() > 0
-    if use_gpu == "auto":
-        return available
-    if use_gpu and not available:
-        raise RuntimeError("a GPU search was asked for, but this faiss build sees no GPU (install faiss-gpu)")
-    return bool(use_gpu)
-
-
-def _flat_ip_index(block: np.ndarray, gpu: bool, resources) -> faiss.Index:
-    index = faiss.GpuIndexFlatIP(resources, block.shape[1]) if gpu else faiss.IndexFlatIP(block.shape[1])
-    index.add(block)
-    return index
-
-
-def _f32(rows: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(rows, dtype=np.float32)
-
-
-def knn_search(
-    *, database: np.ndarray, queries: np.ndarray, k: int, use_gpu: UseGpu = "auto", block_size: int = DEFAULT_BLOCK_SIZE
-) -> tuple[np.ndarray, np.ndarray]:
-    """Exact top-k inner products: (similarities (Q, k') descending, database rows (Q, k')), k' = min(k, len(database)).
-
-    The database is indexed one block at a time and queried in blocks; each block's top-k is merged
-    into one heap per query (the idea of faiss contrib/exhaustive_search.py).
-    """
-    if len(database) == 0:
-        raise ValueError("the database is empty")
-    gpu = resolve_gpu(use_gpu)
-    k = min(k, len(database))
-    if gpu and k > GPU_MAX_K:
-        raise ValueError(f"k={k}: faiss GPU search returns at most {GPU_MAX_K} neighbours")
-    resources = faiss.StandardGpuResources() if gpu else None
-    heap = faiss.ResultHeap(len(queries), k, keep_max=True)
-    for b0 in range(0, len(database), block_size):
-        index = _flat_ip_index(_f32(database[b0:b0 + block_size]), gpu, resources)
-        block_k = min(k, index.ntotal)  # never ask for more than the block holds: faiss pads with id -1
-        for q0 in range(0, len(queries), block_size):
-            q = _f32(queries[q0:q0 + block_size])
-            sims, rows = index.search(q, block_k)
-            heap.add_result_subset(np.arange(q0, q0 + len(q)), sims, rows + b0)
-    heap.finalize()
-    return heap.D, heap.I
-
-
-def _pairs_above(
-    *, a: np.ndarray, b: np.ndarray, threshold: float, same: bool, block_size: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(rows of a, rows of b, similarity) of every pair with inner product >= threshold, on the CPU.
-
-    GPU flat indexes have no range search; an exact range search is what "all pairs" needs.
-    """
-    limit = np.float32(threshold)
-    radius = float(np.nextafter(limit, np.float32(-np.inf)))  # faiss keeps similarity > radius
-    found_a, found_b, found_sim = [], [], []
-    for b0 in range(0, len(b), block_size):
-        index = _flat_ip_index(_f32(b[b0:b0 + block_size]), False, None)
-        b_last = b0 + index.ntotal - 1
-        for a0 in range(0, len(a), block_size):
-            if same and b_last <= a0:  # within one set only pairs (i, j > i) count: none here
-                continue
-            q = _f32(a[a0:a0 + block_size])
-            lims, sims, rows = index.range_search(q, radius)
-            rows_a = np.repeat(np.arange(a0, a0 + len(q)), np.diff(lims.astype(np.int64)))
-            rows_b = rows + b0
-            keep = sims >= limit
-            if same:
-                keep &= rows_b > rows_a
-            found_a.append(rows_a[keep])
-            found_b.append(rows_b[keep])
-            found_sim.append(sims[keep])
-    if not found_a:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
-    return np.concatenate(found_a), np.concatenate(found_b), np.concatenate(found_sim)
 
 
 # ---------------------------------------------------------------------------------------- diagnostics
@@ -210,16 +67,14 @@ def knn_evaluate(
     query_latlon: np.ndarray,
     k: int,
     use_gpu: UseGpu = "auto",
-    block_size: int = DEFAULT_BLOCK_SIZE,
 ) -> KnnScores:
     """Predict each query's class and position from its k nearest training rows, and score them."""
     db_ok, q_ok = has_views(train_desc), has_views(query_desc)
     db_class, db_latlon = np.asarray(train_class)[db_ok], np.asarray(train_latlon)[db_ok]
     q_class, q_latlon = np.asarray(query_class)[q_ok], np.asarray(query_latlon)[q_ok]
     if not q_ok.any():
-        raise ValueError("no query row has an embedded view")
-    sims, rows = knn_search(database=train_desc[db_ok], queries=query_desc[q_ok], k=k, use_gpu=use_gpu,
-                            block_size=block_size)
+        raise GeoscoutError("no query row has an embedded view")
+    sims, rows = knn_search(database=train_desc[db_ok], queries=query_desc[q_ok], k=k, use_gpu=use_gpu)
     n_q, n_classes = len(rows), int(max(db_class.max(), q_class.max())) + 1
     neighbour_class = db_class[rows]
     weights = np.maximum(sims.astype(np.float64), VOTE_FLOOR)
@@ -262,10 +117,10 @@ def near_duplicates(
     without views (zero descriptors) never match, as the threshold must be positive.
     """
     if not 0.0 < threshold <= 1.0:
-        raise ValueError(f"threshold is a cosine in (0, 1]; got {threshold}")
+        raise ConfigError(f"threshold is a cosine in (0, 1]; got {threshold}")
     if same and (desc_a.shape != desc_b.shape or not np.array_equal(ids_a, ids_b)):
         raise ValueError("same=True expects one set passed twice")
-    rows_a, rows_b, sims = _pairs_above(a=desc_a, b=desc_b, threshold=threshold, same=same, block_size=block_size)
+    rows_a, rows_b, sims = pairs_above(a=desc_a, b=desc_b, threshold=threshold, same=same, block_size=block_size)
     pairs = pl.DataFrame({
         "sample_id_a": np.asarray(ids_a, dtype=np.int64)[rows_a],
         "sample_id_b": np.asarray(ids_b, dtype=np.int64)[rows_b],
@@ -297,15 +152,13 @@ def query_neighbours(
     db_latlon: np.ndarray,
     k: int,
     use_gpu: UseGpu = "auto",
-    block_size: int = DEFAULT_BLOCK_SIZE,
 ) -> list[Neighbour]:
     """The k database rows most similar to one query; the query itself (same sample_id) is skipped."""
     if not has_views(query_desc[None])[0]:
-        raise ValueError(f"sample {query_id} has no embedded view: it has no neighbours")
+        raise GeoscoutError(f"sample {query_id} has no embedded view: it has no neighbours")
     db_ok = has_views(db_desc) & (np.asarray(db_ids) != query_id)
     ok_rows = np.flatnonzero(db_ok)
-    sims, rows = knn_search(database=db_desc[db_ok], queries=query_desc[None], k=k, use_gpu=use_gpu,
-                            block_size=block_size)
+    sims, rows = knn_search(database=db_desc[db_ok], queries=query_desc[None], k=k, use_gpu=use_gpu)
     found = []
     for rank, (sim, row) in enumerate(zip(sims[0], ok_rows[rows[0]]), 1):
         lat, lon = (float(x) for x in db_latlon[row])
@@ -369,7 +222,7 @@ class KnnReport:
     backbone: str
     k: int
     threshold: float
-    device: str
+    device: str  # the index the searches ran on, in words
     validation: str  # where the validation rows came from
     n_train: int
     n_test: int | None  # None when the store has no test features for this backbone
@@ -396,7 +249,7 @@ class KnnReport:
     def format(self) -> str:
         s = self.scores
         lines = [
-            f"kNN diagnostic: backbone {self.backbone}, k={s.k}, exact cosine search on {self.device}",
+            f"kNN diagnostic: backbone {self.backbone}, k={s.k}, search: {self.device}",
             f"train {self.n_train:,} locations ({len(self.train_without_views)} without any embedded view, left out)"
             + ("" if self.n_test is None else
                f"; test {self.n_test:,} ({len(self.test_without_views)} without any embedded view)"),
@@ -434,7 +287,7 @@ def _format_pairs(title: str, pairs: pl.DataFrame, name_a: str, name_b: str) -> 
 
 
 def _query_report(sample_id: int, train: _SplitDescriptors, test: _SplitDescriptors | None, *, k: int,
-                  use_gpu: UseGpu, block_size: int) -> tuple[dict, list[Neighbour]]:
+                  use_gpu: UseGpu) -> tuple[dict, list[Neighbour]]:
     for part in (train, test):
         if part is None:
             continue
@@ -450,10 +303,9 @@ def _query_report(sample_id: int, train: _SplitDescriptors, test: _SplitDescript
             }
             neighbours = query_neighbours(
                 query_id=sample_id, query_desc=part.desc[row], query_latlon=latlon, db_ids=train.sample_id,
-                db_desc=train.desc, db_state_idx=train.state_idx, db_latlon=train.latlon, k=k, use_gpu=use_gpu,
-                block_size=block_size)
+                db_desc=train.desc, db_state_idx=train.state_idx, db_latlon=train.latlon, k=k, use_gpu=use_gpu)
             return query, neighbours
-    raise ValueError(f"sample_id {sample_id} is in neither the train nor the test split of this store")
+    raise ConfigError(f"sample_id {sample_id} is in neither the train nor the test split of this store")
 
 
 def run_knn(
@@ -493,13 +345,13 @@ def run_knn(
             if features_path(store_dir, "test", backbone).exists() else None)
     is_val, validation = _validation_mask(train, manifest, split_file, val_mask)
     if not is_val.any():
-        raise ValueError(f"the validation split ({validation}) holds no rows: too few training locations per state")
-    device = "gpu" if resolve_gpu(use_gpu) else "cpu"
+        raise GeoscoutError(f"the validation split ({validation}) holds no rows: too few training locations per state")
+    device = index_name(use_gpu)
 
     scores = knn_evaluate(
         train_desc=train.desc[~is_val], train_class=train.class_id[~is_val], train_latlon=train.latlon[~is_val],
         query_desc=train.desc[is_val], query_class=train.class_id[is_val], query_latlon=train.latlon[is_val],
-        k=k, use_gpu=use_gpu, block_size=block_size)
+        k=k, use_gpu=use_gpu)
     within = near_duplicates(desc_a=train.desc, ids_a=train.sample_id, desc_b=train.desc, ids_b=train.sample_id,
                              threshold=threshold, same=True, block_size=block_size)
     val_ids = train.sample_id[is_val]
@@ -509,7 +361,7 @@ def run_knn(
         desc_a=train.desc, ids_a=train.sample_id, desc_b=test.desc, ids_b=test.sample_id, threshold=threshold,
         block_size=block_size)
     query_info, neighbours = (None, []) if query is None else _query_report(
-        query, train, test, k=k, use_gpu=use_gpu, block_size=block_size)
+        query, train, test, k=k, use_gpu=use_gpu)
     return KnnReport(
         backbone=backbone, k=k, threshold=threshold, device=device, validation=validation,
         n_train=len(train.sample_id), n_test=None if test is None else len(test.sample_id),

@@ -8,27 +8,24 @@ gps = max(0, 1 - mean_km / 5000)
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import polars as pl
 
+from .competition import NO_PREDICTION, PRED_COORD_COLUMNS, PRED_STATE_COLUMNS, TRUTH_COLUMNS
+from .csvio import parse_float, parse_int, read_csv_as_text
 from .geo import haversine_km
 from .problems import InputError, Problem, csv_line
 from .states import NUM_STATES
 
 POSITION_WEIGHTS = (1.00, 0.60, 0.40, 0.25, 0.15)
-PRED_STATE_COLUMNS = tuple(f"predicted_state_idx_{k}" for k in range(1, 6))
-PRED_COORD_COLUMNS = ("predicted_latitude", "predicted_longitude")
-TRUTH_COLUMNS = ("sample_id", "state_idx", "latitude", "longitude")
 DISTANCE_THRESHOLDS_KM = (1, 25, 200, 750, 2500)
 METRIC_KEYS = (
     "score", "classification_score", "gps_score", "top1_accuracy", "top5_accuracy",
     "mean_km", "median_km", *(f"acc_{t}km" for t in DISTANCE_THRESHOLDS_KM), "geoscore", "n",
 )
-NO_PREDICTION = -1
 
 
 def classification_points(true_idx: np.ndarray, top5: np.ndarray) -> np.ndarray:
@@ -81,35 +78,6 @@ class Submission:
     top5: np.ndarray  # (N, 5) state_idx, NO_PREDICTION where empty
     latitude: np.ndarray
     longitude: np.ndarray
-
-
-def read_csv_as_text(path: Path) -> pl.DataFrame:
-    """Every column as text, so bad values are reported by row instead of failing the whole parse."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError([Problem(str(path), "file not found")], str(path))
-    try:
-        df = pl.read_csv(path, infer_schema=False)
-    except pl.exceptions.NoDataError:
-        return pl.DataFrame()
-    except Exception as exc:  # polars raises several types for malformed CSV
-        raise InputError([Problem(str(path), f"not a readable CSV file: {exc}")], str(path)) from None
-    return df.with_columns(pl.all().fill_null(""))  # an empty cell is text "" (nothing to parse), like any other
-
-
-def parse_int(text: str) -> int | None:
-    try:
-        return int(text.strip())
-    except ValueError:
-        return None
-
-
-def parse_float(text: str) -> float | None:
-    try:
-        value = float(text.strip())
-    except ValueError:
-        return None
-    return value if math.isfinite(value) else None
 
 
 def _check_columns(df: pl.DataFrame, required, file: str) -> list[Problem]:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .errors import GeoscoutError
+
 
 @dataclass(frozen=True)
 class Problem:
@@ -24,7 +26,7 @@ class Problem:
         return " ".join(parts) + f": {self.message}"
 
 
-class InputError(Exception):
+class InputError(GeoscoutError):
     """Raised with every problem found, not just the first, so one run shows all that needs fixing."""
 
     def __init__(self, problems: list[Problem], what: str = "input"):

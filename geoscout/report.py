@@ -24,6 +24,8 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from PIL import Image, ImageDraw
 
+from .competition import IMAGE_COLUMNS, VIEWS
+from .errors import GeoscoutError, MissingFileError
 from .metric import DISTANCE_THRESHOLDS_KM, METRIC_KEYS
 from .states import STATES
 
@@ -32,7 +34,6 @@ DPI = 110
 WORST_COUNT = 8
 MAP_MAX_POINTS = 2000
 THUMB_PX = 128
-DIRECTIONS = ("north", "east", "south", "west")
 PRED_STATE_COLUMNS = tuple(f"pred_state_idx_{k}" for k in range(1, 6))
 VAL_COLUMNS = (
     "sample_id", "true_state_idx", "true_latitude", "true_longitude",
@@ -117,7 +118,7 @@ def load_inputs(work_dir: Path) -> RunInputs:
 
 def _require_file(path: Path) -> None:
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: file not found; the report needs it (run `geoscout run` first)")
+        raise MissingFileError(f"{path}: file not found; the report needs it (run `geoscout run` first)")
 
 
 def _read_required_json(path: Path) -> dict:
@@ -134,9 +135,9 @@ def read_val_predictions(path: Path) -> pl.DataFrame:
     val = pl.read_csv(path, schema_overrides={"sample_id": pl.Utf8})
     missing = [c for c in VAL_COLUMNS if c not in val.columns]
     if missing:
-        raise ValueError(f"{path}: missing column(s) {missing}; found {val.columns}")
+        raise GeoscoutError(f"{path}: missing column(s) {missing}; found {val.columns}")
     if val.height == 0:
-        raise ValueError(f"{path}: no rows; the report needs validation predictions")
+        raise GeoscoutError(f"{path}: no rows; the report needs validation predictions")
     return val
 
 
@@ -609,7 +610,7 @@ def image_paths(run: dict) -> tuple[dict[str, list[Path]], str | None]:
     table = data_dir / "train_ground_truth.csv"
     if not table.is_file():
         return {}, f"{table} is not available, so no thumbnails are shown."
-    columns = ["sample_id", *(f"image_{d}" for d in DIRECTIONS)]
+    columns = ["sample_id", *IMAGE_COLUMNS]
     rows = pl.read_csv(table, columns=columns, infer_schema=False)
     images = data_dir / "train_images"
     return {sid: [images / name for name in names] for sid, *names in rows.iter_rows()}, None
@@ -646,7 +647,7 @@ def worst_row_html(rank: int, row: dict, paths: dict[str, list[Path]], out_dir: 
         views = paths.get(row["sample_id"])
         if views is None:
             cells.append("<td>not in train_ground_truth.csv</td>")
-            missing = len(DIRECTIONS)
+            missing = len(VIEWS)
         else:
             png, missing = thumbnail_strip(views)
             plot = save_png_bytes(png, out_dir, f"worst_{rank:02d}.png")

@@ -15,15 +15,22 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from .data import TEST_CSV
-from .heads.pipeline import (
-    EvaluationResult, evaluate, fit_ensemble, needs_gallery, predict, train_classifier, train_regressor,
+from .competition import TEST_CSV
+from .errors import MissingFileError
+from .heads.api import (
+    EvaluationResult,
+    evaluate,
+    fit_ensemble,
+    needs_gallery,
+    predict,
+    train_classifier,
+    train_regressor,
 )
-from .heads.split import load_validation_split, make_validation_split, save_validation_split
 from .heads.submission import class_ids_to_state_idx, to_submission_frame
 from .store.features import SplitFeatures
 from .store.layout import validation_split_path
 from .store.reader import available_backbones, read_manifest, read_split
+from .store.split import load_validation_split, make_validation_split, save_validation_split
 
 DEFAULT_VAL_FRACTION = 0.1
 
@@ -134,7 +141,7 @@ def _prediction_source(heads: HeadPaths, backbones: list[str]) -> dict:
 def evaluate_stage(store_dir: Path, heads: HeadPaths, *, device: str) -> EvaluationResult:
     backbones = heads.trained_backbones()
     if not backbones:
-        raise FileNotFoundError(f"no classifiers under {Path(heads.root) / heads.preset}; run `geoscout train` first")
+        raise MissingFileError(f"no classifiers under {Path(heads.root) / heads.preset}; run `geoscout train` first")
     train = load_train(store_dir, backbones)
     return evaluate(
         train, val_mask=validation_mask(store_dir, train), classifier_dirs={b: heads.classifier(b) for b in backbones},
@@ -172,7 +179,7 @@ def predict_stage(store_dir: Path, heads: HeadPaths, out: Path, *, device: str, 
     """Write the submission for the test split, filled into sample_submission.csv (the data folder's by default)."""
     backbones = heads.trained_backbones()
     if not backbones:
-        raise FileNotFoundError(f"no classifiers under {Path(heads.root) / heads.preset}; run `geoscout train` first")
+        raise MissingFileError(f"no classifiers under {Path(heads.root) / heads.preset}; run `geoscout train` first")
     test = read_split(store_dir, "test", backbones)
     source = _prediction_source(heads, backbones)
     gallery = load_train(store_dir, backbones) if needs_gallery(source.get("ensemble_dir")) else None
@@ -180,7 +187,7 @@ def predict_stage(store_dir: Path, heads: HeadPaths, out: Path, *, device: str, 
     top5 = class_ids_to_state_idx(pred.top5, test.classes)
     template_path = Path(template) if template else Path(read_manifest(store_dir)["data_dir"]) / TEST_CSV
     if not template_path.exists():
-        raise FileNotFoundError(f"{template_path} not found: pass the competition's {TEST_CSV} as the template")
+        raise MissingFileError(f"{template_path} not found: pass the competition's {TEST_CSV} as the template")
     template = pl.read_csv(template_path, infer_schema=False)
     frame = to_submission_frame(test.sample_id, top5, pred.lat, pred.lon, template)
     out = Path(out)

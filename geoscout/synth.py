@@ -23,20 +23,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from geoscout.states import NUM_STATES, STATES, state_index
+from .competition import GROUND_TRUTH_COLUMNS, MAPPING_CSV, SUBMISSION_COLUMNS, TEST_CSV, TEST_TRUTH_CSV, TRAIN_CSV, VIEWS
+from .errors import ConfigError
+from .states import NUM_STATES, STATES, state_index
 
 IMAGE_SIZE = 256
 JPEG_QUALITY = 90
-DIRECTIONS = ("north", "east", "south", "west")
-GROUND_TRUTH_COLUMNS = (
-    "sample_id", "image_north", "image_east", "image_south", "image_west",
-    "state", "state_idx", "latitude", "longitude",
-)
-SUBMISSION_COLUMNS = (
-    "sample_id", "image_north", "image_east", "image_south", "image_west",
-    "predicted_state_idx_1", "predicted_state_idx_2", "predicted_state_idx_3",
-    "predicted_state_idx_4", "predicted_state_idx_5", "predicted_latitude", "predicted_longitude",
-)
 JITTER_KM = 4.0
 KM_PER_DEGREE = 111.2
 # Fixed salt: a state's look is the same for every dataset seed, like a real state's is.
@@ -109,7 +101,7 @@ def _load_places() -> _Places:
 def choose_states(n_states: int) -> tuple[int, ...]:
     """The n_states states with the most places (ties by name), as sorted state indices."""
     if not 1 <= n_states <= NUM_STATES:
-        raise ValueError(f"n_states must be in 1..{NUM_STATES}, got {n_states}")
+        raise ConfigError(f"n_states must be in 1..{NUM_STATES}, got {n_states}")
     counts = Counter(_load_places().state.tolist())
     ranked = sorted(counts, key=lambda s: (-counts[s], STATES[s]))
     return tuple(sorted(ranked[:n_states]))
@@ -175,7 +167,7 @@ def _col(rgb: np.ndarray) -> np.ndarray:
 
 
 def render_view(state_idx: int, lat: float, lon: float, direction: int, rng: np.random.Generator) -> np.ndarray:
-    """One 256x256 RGB uint8 view (height, width, channel) of a location looking in DIRECTIONS[direction]."""
+    """One 256x256 RGB uint8 view (height, width, channel) of a location looking in VIEWS[direction]."""
     style = _state_style(state_idx)
     # Offsets from the state's centre, squashed to (-1, 1): the in-state position cues.
     du = math.tanh((lat - style.centre[0]) / style.spread)
@@ -234,14 +226,14 @@ def image_name(sample_id: int, direction: str) -> str:
 def _render_location(location: _Location, images_dir: Path, seed: int) -> None:
     # One generator per location: output bytes do not depend on thread scheduling.
     rng = np.random.default_rng([seed, location.sample_id])
-    for d, direction in enumerate(DIRECTIONS):
+    for d, direction in enumerate(VIEWS):
         pixels = render_view(location.state_idx, location.lat, location.lon, d, rng)
         path = images_dir / image_name(location.sample_id, direction)
         Image.fromarray(pixels, "RGB").save(path, quality=JPEG_QUALITY)
 
 
 def _image_columns(sample_id: int) -> list[str]:
-    return [image_name(sample_id, d) for d in DIRECTIONS]
+    return [image_name(sample_id, d) for d in VIEWS]
 
 
 def _write_csv(path: Path, header: tuple[str, ...], rows: list[list]) -> None:
@@ -279,7 +271,7 @@ def synthesize(
 ) -> SynthSummary:
     """Write a competition-layout dataset (plus test_ground_truth.csv for local scoring) to out_dir."""
     if n_train < 0 or n_test < 0:
-        raise ValueError("n_train and n_test must be non-negative")
+        raise ConfigError("n_train and n_test must be non-negative")
     start = time.perf_counter()
     out_dir = Path(out_dir)
     states = choose_states(n_states)
@@ -303,20 +295,19 @@ def synthesize(
             if progress and (done % 250 == 0 or done == len(futures)):
                 print(f"synth: rendered {done}/{len(futures)} locations", flush=True)
 
-    paths = {name: out_dir / name for name in (
-        "train_ground_truth.csv", "test_ground_truth.csv", "sample_submission.csv", "state_mapping.csv")}
-    _write_ground_truth(paths["train_ground_truth.csv"], splits["train"])
-    _write_ground_truth(paths["test_ground_truth.csv"], splits["test"])
-    _write_sample_submission(paths["sample_submission.csv"], splits["test"], splits["train"], states)
+    paths = {name: out_dir / name for name in (TRAIN_CSV, TEST_TRUTH_CSV, TEST_CSV, MAPPING_CSV)}
+    _write_ground_truth(paths[TRAIN_CSV], splits["train"])
+    _write_ground_truth(paths[TEST_TRUTH_CSV], splits["test"])
+    _write_sample_submission(paths[TEST_CSV], splits["test"], splits["train"], states)
     occurring = sorted({loc.state_idx for locs in splits.values() for loc in locs})
-    _write_csv(paths["state_mapping.csv"], ("state_idx", "state"), [[s, STATES[s]] for s in occurring])
+    _write_csv(paths[MAPPING_CSV], ("state_idx", "state"), [[s, STATES[s]] for s in occurring])
 
     return SynthSummary(
         out_dir=out_dir,
-        train_csv=paths["train_ground_truth.csv"],
-        test_csv=paths["test_ground_truth.csv"],
-        sample_submission_csv=paths["sample_submission.csv"],
-        state_mapping_csv=paths["state_mapping.csv"],
+        train_csv=paths[TRAIN_CSV],
+        test_csv=paths[TEST_TRUTH_CSV],
+        sample_submission_csv=paths[TEST_CSV],
+        state_mapping_csv=paths[MAPPING_CSV],
         n_train=n_train,
         n_test=n_test,
         n_images=4 * (n_train + n_test),

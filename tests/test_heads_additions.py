@@ -8,16 +8,25 @@ import torch
 
 from geoscout.geo import haversine_km, latlon_to_xyz, xyz_to_latlon
 from geoscout.heads import (
-    ClassifierConfig, EnsembleConfig, FusionConfig, RegressorConfig, TrainConfig, evaluate, fit_ensemble,
-    make_validation_split, predict, train_classifier, train_regressor,
+    ClassifierConfig,
+    EnsembleConfig,
+    FusionConfig,
+    RegressorConfig,
+    TrainConfig,
+    evaluate,
+    fit_ensemble,
+    predict,
+    train_classifier,
+    train_regressor,
 )
 from geoscout.heads.checkpoint import CheckpointError, load_classifier
 from geoscout.heads.decode import DecodeConfig, decode, geometric_median, spread_to_neighbours
 from geoscout.heads.geocells import make_geocells
-from geoscout.heads.planted import make_planted_features
 from geoscout.heads.retrieval import Neighbours, build_gallery, search
 from geoscout.heads.smoothing import haversine_soft_targets
 from geoscout.heads.tta import mirrored_views
+from geoscout.store.split import make_validation_split
+from geoscout.testing import make_planted_features
 
 BACKBONES = ("tiny-clip", "tiny-convnext")
 SWAP = [0, 3, 2, 1]  # N, E, S, W -> N, W, S, E

@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from geoscout.heads.planted import make_planted_features
-from geoscout.heads.split import load_validation_split, make_validation_split, save_validation_split, validation_digest
+from geoscout.store.split import load_validation_split, make_validation_split, save_validation_split, validation_digest
+from geoscout.testing import make_planted_features
 
 
 def test_split_is_stratified_seeded_and_keeps_a_training_row_per_class():

@@ -2,8 +2,8 @@ import numpy as np
 import polars as pl
 import pytest
 
+from geoscout.competition import PRED_STATE_COLUMNS
 from geoscout.heads.submission import class_ids_to_state_idx, to_submission_frame
-from geoscout.metric import PRED_STATE_COLUMNS
 from geoscout.problems import InputError
 
 

@@ -6,18 +6,12 @@ import numpy as np
 import polars as pl
 import pytest
 
-from geoscout.heads.planted import make_planted_features
-from geoscout.heads.split import make_validation_split, save_validation_split
-from geoscout.knn import (
-    has_views,
-    knn_evaluate,
-    knn_search,
-    location_descriptors,
-    near_duplicates,
-    resolve_gpu,
-    run_knn,
-)
+from geoscout.errors import ConfigError
+from geoscout.index import descriptor_center, has_views, knn_search, location_descriptors, resolve_gpu
+from geoscout.knn import knn_evaluate, near_duplicates, run_knn
 from geoscout.store.layout import MANIFEST, SCHEMA_VERSION, features_path, samples_path
+from geoscout.store.split import make_validation_split, save_validation_split
+from geoscout.testing import make_planted_features
 
 HAS_GPU = faiss.get_num_gpus() > 0
 
@@ -69,22 +63,19 @@ def test_descriptors_are_masked_means_and_ignore_masked_values(tmp_path):
 # ------------------------------------------------------------------------------------ search
 
 
-def test_blocked_search_equals_one_shot_and_brute_force():
+def test_search_equals_brute_force():
     rng = np.random.default_rng(1)
     db, q = unit_rows(rng, 1000, 32), unit_rows(rng, 300, 32)
-    one_sims, one_rows = knn_search(database=db, queries=q, k=7, use_gpu=False, block_size=10_000)
-    blk_sims, blk_rows = knn_search(database=db, queries=q, k=7, use_gpu=False, block_size=96)  # 11 db x 4 query blocks
-    np.testing.assert_array_equal(blk_rows, one_rows)
-    np.testing.assert_allclose(blk_sims, one_sims, atol=1e-5)
+    sims, rows = knn_search(database=db, queries=q, k=7, use_gpu=False)
     brute = np.argsort(-(q @ db.T), axis=1)[:, :7]
-    np.testing.assert_array_equal(one_rows, brute)
-    assert np.all(np.diff(one_sims, axis=1) <= 0)
+    np.testing.assert_array_equal(rows, brute)
+    np.testing.assert_allclose(sims, np.take_along_axis(q @ db.T, brute, axis=1), atol=1e-5)
+    assert np.all(np.diff(sims, axis=1) <= 0)
 
 
 def test_k_larger_than_database_is_clamped():
     rng = np.random.default_rng(2)
-    sims, rows = knn_search(database=unit_rows(rng, 5, 8), queries=unit_rows(rng, 3, 8), k=10, use_gpu=False,
-                            block_size=2)
+    sims, rows = knn_search(database=unit_rows(rng, 5, 8), queries=unit_rows(rng, 3, 8), k=10, use_gpu=False)
     assert rows.shape == (3, 5) and np.all(np.sort(rows, axis=1) == np.arange(5))
 
 
@@ -92,8 +83,8 @@ def test_k_larger_than_database_is_clamped():
 def test_cpu_and_gpu_searches_agree():
     rng = np.random.default_rng(3)
     db, q = unit_rows(rng, 5000, 64), unit_rows(rng, 700, 64)
-    cpu = knn_search(database=db, queries=q, k=10, use_gpu=False, block_size=1024)
-    gpu = knn_search(database=db, queries=q, k=10, use_gpu=True, block_size=1024)
+    cpu = knn_search(database=db, queries=q, k=10, use_gpu=False)
+    gpu = knn_search(database=db, queries=q, k=10, use_gpu=True)
     np.testing.assert_allclose(gpu[0], cpu[0], atol=1e-4)
     assert np.mean(gpu[1] == cpu[1]) > 0.999  # only float near-ties may swap
 
@@ -101,7 +92,7 @@ def test_cpu_and_gpu_searches_agree():
 @pytest.mark.skipif(HAS_GPU, reason="a GPU is present, so asking for it cannot fail")
 def test_asking_for_a_missing_gpu_fails_clearly():
     assert resolve_gpu("auto") is False
-    with pytest.raises(RuntimeError, match="no GPU"):
+    with pytest.raises(ConfigError, match="no GPU"):
         resolve_gpu(True)
 
 
@@ -188,7 +179,7 @@ def test_run_knn_on_a_store(tmp_path):
     _write_store(store, "b", {"train": train, "test": test})
 
     report = run_knn(store, backbone="b", k=5, query=int(test.sample_id[5]), use_gpu=False, block_size=64)
-    assert report.scores.accuracy >= 0.9 and report.device == "cpu"
+    assert report.scores.accuracy >= 0.9 and report.device == "exact inner product, faiss knn (CPU)"
     assert (17, test.sample_id[5]) in set(report.train_test_duplicates.select("sample_id_a", "sample_id_b").iter_rows())
     assert (30, 31) in set(report.within_train_duplicates.select("sample_id_a", "sample_id_b").iter_rows())
     assert report.train_without_views == train.sample_id[~train.masks["b"].any(1)].tolist()
@@ -212,7 +203,6 @@ def test_run_knn_on_a_store(tmp_path):
 
 
 def test_centering_separates_features_that_share_a_common_direction():
-    from geoscout.knn import descriptor_center
 
     rng = np.random.default_rng(3)
     common = rng.normal(size=64) * 20  # like a random network's dominant direction

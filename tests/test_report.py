@@ -10,6 +10,7 @@ import numpy as np
 import polars as pl
 import pytest
 
+from geoscout.errors import GeoscoutError
 from geoscout.geo import haversine_km
 from geoscout.metric import METRIC_KEYS, score_predictions
 from geoscout.report import build_report, image_paths
@@ -243,7 +244,7 @@ def test_val_predictions_without_a_column_is_an_error(synth_master, tmp_path):
     work = write_work_dir(tmp_path / "work", synth_master)
     csv = work / "eval" / "val_predictions.csv"
     pl.read_csv(csv).drop("km").write_csv(csv)
-    with pytest.raises(ValueError, match="km"):
+    with pytest.raises(GeoscoutError, match="km"):
         build_report(work)
 
 

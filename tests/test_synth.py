@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from geoscout.competition import VIEWS as DIRECTIONS
 from geoscout.states import STATES, state_index
-from geoscout.synth import DIRECTIONS, SynthSummary, synthesize
+from geoscout.synth import SynthSummary, synthesize
 
 GROUND_TRUTH_HEADER = [
     "sample_id", "image_north", "image_east", "image_south", "image_west",

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from torch import Tensor, nn
 
+from ..errors import ConfigError
 from .hf_clip import ClipVisionArch, arch_from_open_clip, build_open_clip_vision, load_hf_clip_folder
 from .weights import (
     WEIGHT_FILE_NAMES,
@@ -132,7 +133,7 @@ def get_spec(name: str) -> BackboneSpec:
     canonical = _ALIASES.get(name, name)
     if canonical not in BACKBONES:
         aliases = ", ".join(f"{a} = {n}" for a, n in _ALIASES.items())
-        raise ValueError(f"unknown backbone {name!r}; available: {', '.join(BACKBONES)} (aliases: {aliases})")
+        raise ConfigError(f"unknown backbone {name!r}; available: {', '.join(BACKBONES)} (aliases: {aliases})")
     return BACKBONES[canonical]
 
 

@@ -7,7 +7,9 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
-from ..data import SplitTable, VIEWS, resolve_image
+from ..competition import VIEWS
+from ..data import SplitTable, resolve_image
+from ..errors import ConfigError
 from ..images import ImageError, decode_rgb
 
 DECODE_SIZE = 256  # the competition's image size; other sizes are resized to it when decoded
@@ -18,7 +20,7 @@ class ViewsDataset(Dataset):
 
     def __init__(self, table: SplitTable, *, bad_images: str, size: int = DECODE_SIZE):
         if bad_images not in ("fail", "mask"):
-            raise ValueError(f"bad-image policy {bad_images!r}; choose 'fail' or 'mask'")
+            raise ConfigError(f"bad-image policy {bad_images!r}; choose 'fail' or 'mask'")
         self.table = table
         self.bad_images = bad_images
         self.size = size

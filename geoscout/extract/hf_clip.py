@@ -17,6 +17,7 @@ from open_clip import get_model_config, list_models
 from open_clip.transformer import LayerNorm, QuickGELU, VisionTransformer
 from torch import Tensor, nn
 
+from ..errors import ConfigError
 from .weights import WeightsError, check_state_dict_keys, find_weight_file, read_state_dict
 
 # transformers omits values equal to its defaults when it writes config.json, so absent keys
@@ -72,10 +73,10 @@ def arch_from_open_clip(config_name: str) -> ClipVisionArch:
     """The vision tower of a named open_clip model config (e.g. 'ViT-L-14-336-quickgelu')."""
     cfg = get_model_config(config_name)
     if cfg is None:
-        raise ValueError(f"unknown open_clip config {config_name!r}; available: {', '.join(list_models())}")
+        raise ConfigError(f"unknown open_clip config {config_name!r}; available: {', '.join(list_models())}")
     vision = cfg["vision_cfg"]
     if vision.get("timm_model_name") or not isinstance(vision["layers"], int):
-        raise ValueError(f"open_clip config {config_name!r} is not a plain ViT vision tower")
+        raise ConfigError(f"open_clip config {config_name!r} is not a plain ViT vision tower")
     width = vision["width"]
     return ClipVisionArch(
         image_size=vision["image_size"],

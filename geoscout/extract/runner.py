@@ -16,14 +16,17 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from ..data import SPLITS, VIEWS, Competition, SplitTable, find_image_problems, load_competition
+from ..atomic import atomic_write_text
+from ..competition import SPLITS, VIEWS
+from ..data import Competition, SplitTable, find_image_problems, load_competition
 from ..device import resolve_device
+from ..errors import ConfigError, GeoscoutError
 from ..problems import InputError
-from ..store.layout import FLIP_DATASET, MANIFEST, SCHEMA_VERSION, atomic_write_text, backbone_fingerprint, features_path, samples_path, shard_dir
+from ..store.layout import FLIP_DATASET, MANIFEST, SCHEMA_VERSION, backbone_fingerprint, features_path, samples_path, shard_dir
 from ..store.writer import ShardedWriter, StoreIdentity, matches
 from .backbones import get_spec, load_backbone, preprocessing_record
 from .dataset import DECODE_SIZE, ShardBatchSampler, ViewsDataset, collate_views
-from .distributed import Ranks, init_ranks
+from .distributed import init_ranks
 
 
 @dataclass
@@ -34,7 +37,7 @@ class ExtractResult:
     views_per_second: float = 0.0
 
 
-class StoreConflict(ValueError):
+class StoreConflict(GeoscoutError, ValueError):
     """The store folder already holds features of other data, weights or preprocessing."""
 
 
@@ -132,7 +135,7 @@ def extract(
     backbones: list[str],
     weights: dict[str, str | None] | None = None,
     splits: tuple[str, ...] = SPLITS,
-    device: str = "cuda",
+    device: str = "auto",
     batch_size: int = 0,
     workers: int = -1,
     bad_images: str = "fail",
@@ -155,10 +158,10 @@ def extract(
     backbones = list(dict.fromkeys(get_spec(name).name for name in backbones))
     unknown = sorted(set(weights) - set(backbones))
     if unknown:
-        raise ValueError(f"--weights given for {unknown}, which are not among the backbones {backbones}")
+        raise ConfigError(f"--weights given for {unknown}, which are not among the backbones {backbones}")
     for s in splits:
         if s not in SPLITS:
-            raise ValueError(f"unknown split {s!r}; available: {', '.join(SPLITS)}")
+            raise ConfigError(f"unknown split {s!r}; available: {', '.join(SPLITS)}")
     ranks = init_ranks(device)
     torch_device = resolve_device(device, local_rank=ranks.local_rank)
     # on CPU, 32 views keep the float copy of a batch under glibc's 32 MB mmap threshold (BENCHMARKS.md)

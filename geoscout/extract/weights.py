@@ -14,6 +14,8 @@ import torch
 from safetensors.torch import load_file
 from torch import Tensor
 
+from ..errors import GeoscoutError
+
 # Preferred first: safetensors cannot run code when read.
 WEIGHT_FILE_NAMES = ("model.safetensors", "pytorch_model.bin")
 PICKLE_SUFFIXES = (".bin", ".pth", ".pt", ".ckpt")
@@ -23,7 +25,7 @@ WRAPPER_KEYS = ("state_dict", "model")  # training checkpoints that nest the sta
 KEYS_SHOWN = 8
 
 
-class WeightsError(ValueError):
+class WeightsError(GeoscoutError, ValueError):
     """Weights are missing, unreachable, unsafe, or do not fit the backbone."""
 
 

@@ -15,6 +15,7 @@ import numpy as np
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..errors import GeoscoutError
 from ..store.features import SplitFeatures
 from .geocells import Geocells
 from .models import ClassifierConfig, RegressorConfig, Scout, Sniper
@@ -25,7 +26,7 @@ CARD_FILE = "head.json"
 CARD_FORMAT = "geoscout-head/1"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(GeoscoutError, ValueError):
     """A head folder that cannot be used: unreadable, inconsistent, or made for other features."""
 
 

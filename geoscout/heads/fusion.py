@@ -12,7 +12,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-NUM_VIEWS = 4
+from ..competition import NUM_VIEWS
+from ..errors import ConfigError
 
 
 @dataclass
@@ -73,9 +74,9 @@ class TransformerFusion(nn.Module):
         super().__init__()
         width = input_dim if config.width is None else config.width
         if config.pooling not in ("mean", "concat"):
-            raise ValueError(f"unknown pooling {config.pooling!r}; available: 'mean', 'concat'")
+            raise ConfigError(f"unknown pooling {config.pooling!r}; available: 'mean', 'concat'")
         if width % config.heads:
-            raise ValueError(f"transformer width {width} is not divisible by {config.heads} heads")
+            raise ConfigError(f"transformer width {width} is not divisible by {config.heads} heads")
         self.pooling = config.pooling
         self.input_norm = _input_norm(config, input_dim)
         self.project = nn.Identity() if config.width is None else nn.Linear(input_dim, width)
@@ -108,5 +109,5 @@ FUSIONS: dict[str, type[nn.Module]] = {"transformer": TransformerFusion, "mean":
 
 def build_fusion(config: FusionConfig, input_dim: int) -> nn.Module:
     if config.kind not in FUSIONS:
-        raise ValueError(f"unknown fusion {config.kind!r}; available: {sorted(FUSIONS)}")
+        raise ConfigError(f"unknown fusion {config.kind!r}; available: {sorted(FUSIONS)}")
     return FUSIONS[config.kind](config, input_dim)

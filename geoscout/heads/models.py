@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..errors import ConfigError
 from .fusion import FusionConfig, build_fusion
 from .training import TrainConfig
 
@@ -55,7 +56,7 @@ class Scout(nn.Module):
     def __init__(self, config: ClassifierConfig, input_dim: int, num_classes: int):
         super().__init__()
         if config.norm not in NORMS:
-            raise ValueError(f"unknown norm {config.norm!r}; available: {sorted(NORMS)}")
+            raise ConfigError(f"unknown norm {config.norm!r}; available: {sorted(NORMS)}")
         self.fusion = build_fusion(config.fusion, input_dim)
         d = self.fusion.out_dim
         if config.hidden == 0:
@@ -94,7 +95,7 @@ class Sniper(nn.Module):
     def __init__(self, config: RegressorConfig, descriptor_dim: int, num_classes: int):
         super().__init__()
         if config.anchor not in ANCHORS:
-            raise ValueError(f"unknown regressor anchor {config.anchor!r}; available: {list(ANCHORS)}")
+            raise ConfigError(f"unknown regressor anchor {config.anchor!r}; available: {list(ANCHORS)}")
         self.append_confidence = config.append_confidence
         self.offset_scale_deg = config.offset_scale_deg
         self.descriptor_norm = nn.LayerNorm(descriptor_dim)

@@ -6,6 +6,7 @@ import dataclasses
 import typing
 from typing import Any, TypeVar
 
+from ..errors import ConfigError
 from .decode import DecodeConfig
 from .ensemble import EnsembleConfig
 from .fusion import FusionConfig
@@ -20,7 +21,7 @@ T = TypeVar("T")
 
 def _check_preset(name: str) -> None:
     if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; available: {list(PRESETS)}")
+        raise ConfigError(f"unknown preset {name!r}; available: {list(PRESETS)}")
 
 
 def classifier_preset(name: str, *, backbone: str) -> ClassifierConfig:
@@ -90,7 +91,7 @@ def config_from_dict(cls: type[T], data: dict) -> T:
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
-        raise ValueError(f"unknown {cls.__name__} field(s) {unknown}; valid: {sorted(names)}")
+        raise ConfigError(f"unknown {cls.__name__} field(s) {unknown}; valid: {sorted(names)}")
     values = {}
     for key, value in data.items():
         kind = hints[key]

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import polars as pl
 
-from ..metric import NO_PREDICTION, PRED_COORD_COLUMNS, PRED_STATE_COLUMNS, check_submission
+from ..competition import NO_PREDICTION, PRED_COORD_COLUMNS, PRED_STATE_COLUMNS
+from ..metric import check_submission
 
 
 def class_ids_to_state_idx(top5_class_ids: np.ndarray, classes: np.ndarray) -> np.ndarray:

@@ -10,7 +10,6 @@ import contextlib
 import copy
 import math
 import time
-import warnings
 from dataclasses import dataclass, field
 from typing import Iterator, NamedTuple, Protocol
 
@@ -19,7 +18,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..metric import NO_PREDICTION, score_predictions
+from ..competition import NO_PREDICTION
+from ..metric import score_predictions
 
 
 @dataclass
@@ -71,13 +71,6 @@ class FitResult:
     epochs_run: int
     seconds: float
     history: list[dict] = field(default_factory=list)
-
-
-def resolve_device(device: str) -> torch.device:
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        warnings.warn(f"device {device!r} requested but CUDA is not available; using the CPU", stacklevel=2)
-        return torch.device("cpu")
-    return torch.device(device)
 
 
 @contextlib.contextmanager

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..data import VIEWS
+from ..competition import VIEWS
+from ..errors import ConfigError
 
 TTA_MODES = ("none", "swap", "naive")
 MIRRORED_SLOTS = {"swap": np.array([VIEWS.index(v) for v in ("north", "west", "south", "east")]),
@@ -18,7 +19,7 @@ MIRRORED_SLOTS = {"swap": np.array([VIEWS.index(v) for v in ("north", "west", "s
 
 def check_tta(mode: str) -> None:
     if mode not in TTA_MODES:
-        raise ValueError(f"unknown flip TTA {mode!r}; available: {list(TTA_MODES)}")
+        raise ConfigError(f"unknown flip TTA {mode!r}; available: {list(TTA_MODES)}")
 
 
 def mirrored_views(flipped: np.ndarray, mask: np.ndarray, mode: str) -> tuple[np.ndarray, np.ndarray]:

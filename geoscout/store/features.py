@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..data import VIEWS
+from ..competition import VIEWS
 
 
 @dataclass

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 SCHEMA_VERSION = 1
@@ -37,7 +36,7 @@ def bad_views_path(store_dir: Path, split: str, backbone: str) -> Path:
 
 
 def validation_split_path(store_dir: Path) -> Path:
-    """The one train/validation split every head and the ensemble share (see heads/split.py)."""
+    """The one train/validation split every head and the ensemble share (see store/split.py)."""
     return Path(store_dir) / "validation_split.json"
 
 
@@ -54,22 +53,3 @@ def backbone_fingerprint(spec: dict, weights_identity: dict, preprocessing: dict
     content = {k: v for k, v in weights_identity.items() if k not in ("repo_id", "revision")}
     blob = json.dumps({"spec": spec, "weights": content, "preprocessing": preprocessing}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write-then-rename: a reader (or a resumed run) never sees half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def fsync_dir(path: Path) -> None:
-    """Make a rename inside `path` durable across a power cut, not only a process kill."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -10,12 +10,13 @@ import h5py
 import numpy as np
 import polars as pl
 
-from ..data import VIEWS
+from ..competition import VIEWS
+from ..errors import GeoscoutError
 from .features import SplitFeatures
 from .layout import FLIP_DATASET, MANIFEST, SCHEMA_VERSION, features_path, samples_path
 
 
-class StoreError(ValueError):
+class StoreError(GeoscoutError, ValueError):
     """A store that is missing, incomplete, of another schema, or does not match its companions."""
 
 

@@ -21,8 +21,9 @@ import numpy as np
 import polars as pl
 
 from .. import __version__
-from ..data import VIEWS
-from .layout import SCHEMA_VERSION, atomic_write_text, bad_views_path, features_path, fsync_dir, shard_dir
+from ..atomic import atomic_write_text, fsync_dir
+from ..competition import VIEWS
+from .layout import SCHEMA_VERSION, bad_views_path, features_path, shard_dir
 
 BAD_VIEW_COLUMNS = ("sample_id", "view", "file", "error")
 

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from geoscout.cli import app
 from geoscout.extract.runner import extract
-from geoscout.pipeline import RunConfig, run_pipeline
+from geoscout.run import RunConfig, run_pipeline
 
 runner = CliRunner()
 BACKBONES = ["tiny-clip-random", "tiny-convnext-random"]

@@ -8,7 +8,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..store.features import SplitFeatures
+from ..atomic import atomic_write_text
+from .features import SplitFeatures
+from .reader import StoreError
 
 SPLIT_FORMAT = "geoscout-validation-split/1"
 
@@ -48,22 +50,22 @@ def save_validation_split(path: Path, *, features: SplitFeatures, mask: np.ndarr
         "sample_ids": sorted(int(s) for s in features.sample_id[mask]),
     }
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(record) + "\n", encoding="utf-8")
+    atomic_write_text(Path(path), json.dumps(record) + "\n")
 
 
 def load_validation_split(path: Path, features: SplitFeatures) -> np.ndarray:
     """The mask over `features` rows; refuses a split made for another dataset or another set of rows."""
     record = json.loads(Path(path).read_text(encoding="utf-8"))
     if record.get("format") != SPLIT_FORMAT:
-        raise ValueError(f"{path}: format {record.get('format')!r}; expected {SPLIT_FORMAT!r}")
+        raise StoreError(f"{path}: format {record.get('format')!r}; expected {SPLIT_FORMAT!r}")
     if record["dataset_fingerprint"] != features.dataset_fingerprint:
-        raise ValueError(
+        raise StoreError(
             f"{path} was made for dataset {record['dataset_fingerprint']!r}; these features are dataset "
             f"{features.dataset_fingerprint!r}"
         )
     if record["n_rows"] != len(features):
-        raise ValueError(f"{path} was made for {record['n_rows']} rows; these features have {len(features)}")
+        raise StoreError(f"{path} was made for {record['n_rows']} rows; these features have {len(features)}")
     mask = np.isin(features.sample_id, np.asarray(record["sample_ids"], dtype=np.int64))
     if mask.sum() != len(record["sample_ids"]):
-        raise ValueError(f"{path} names {len(record['sample_ids']) - int(mask.sum())} sample_id(s) that these features lack")
+        raise StoreError(f"{path} names {len(record['sample_ids']) - int(mask.sum())} sample_id(s) that these features lack")
     return mask

@@ -10,18 +10,27 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from ..competition import NO_PREDICTION
+from ..device import resolve_device
+from ..errors import warn
 from ..geo import spherical_mean
-from ..metric import METRIC_KEYS, NO_PREDICTION
+from ..metric import METRIC_KEYS
 from ..store.features import SplitFeatures
+from ..store.split import validation_digest
 from .checkpoint import (
-    CheckpointError, HeadCard, check_features, load_classifier, load_regressor, save_head, weights_sha256,
+    CheckpointError,
+    HeadCard,
+    check_features,
+    load_classifier,
+    load_regressor,
+    save_head,
+    weights_sha256,
 )
 from .classifier import ClassifierObjective, classifier_outputs
 from .decode import RETRIEVAL_WEIGHTS, DecodeConfig, decode
@@ -31,8 +40,7 @@ from .models import ClassifierConfig, RegressorConfig, Scout, Sniper
 from .presets import classifier_preset, config_from_dict, config_to_dict, ensemble_preset, regressor_preset
 from .regressor import Anchors, RegressorObjective, regressed_points
 from .retrieval import Neighbours, build_gallery, search
-from .split import validation_digest
-from .training import Prediction, Truth, fit, resolve_device, score, seeded, top5_from_logits
+from .training import Prediction, Truth, fit, score, seeded, top5_from_logits
 from .tta import check_tta, mirrored_views
 
 ENSEMBLE_FILE = "ensemble.json"
@@ -180,7 +188,7 @@ def _available_tta(mode: str, features: SplitFeatures, backbones: list[str]) -> 
     check_tta(mode)
     missing = [b for b in backbones if b not in features.flipped]
     if mode != "none" and missing:
-        warnings.warn(f"flip TTA {mode!r} left out: no mirrored views of {missing} (extract with --flip)", stacklevel=3)
+        warn(f"flip TTA {mode!r} is left out: the store has no mirrored views of {missing} (extract with --flip)")
         return "none"
     return mode
 
@@ -266,10 +274,8 @@ def train_regressor(
         )
     gain = 1.0 - result.best_metrics["mean_km"] / centroid_metrics["mean_km"]
     if gain <= 0:
-        warnings.warn(
-            f"the regressor did not beat the predicted class's centroid on validation "
-            f"({result.best_metrics['mean_km']:.1f} km vs {centroid_metrics['mean_km']:.1f} km)", stacklevel=2,
-        )
+        warn(f"the regressor did not beat the predicted class's centroid on validation "
+             f"({result.best_metrics['mean_km']:.1f} km vs {centroid_metrics['mean_km']:.1f} km)")
     card = dataclasses.replace(
         run.card, kind="regressor", config=config_to_dict(config), input_dim=run.descriptors.shape[1],
         classifier_sha256=run.sha256,

@@ -11,22 +11,34 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tomllib
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Callable
 
+import tomllib
+
 from . import __version__
+from .atomic import atomic_write_text
+from .competition import TEST_TRUTH_CSV
 from .data import load_competition, validate_competition
+from .errors import ConfigError
 from .extract.backbones import get_spec
 from .extract.runner import extract
 from .problems import InputError
-from .store.layout import atomic_write_text, features_path, validation_split_path
-from .store.reader import read_store_attrs
 from .stages import (
-    HeadPaths, evaluate_stage, fit_ensemble_stage, load_train, predict_stage, regressor_backbone,
-    train_classifier_stage, train_regressor_stage, validation_mask, validation_predictions,
+    HeadPaths,
+    evaluate_stage,
+    fit_ensemble_stage,
+    load_train,
+    predict_stage,
+    regressor_backbone,
+    train_classifier_stage,
+    train_regressor_stage,
+    validation_mask,
+    validation_predictions,
 )
+from .store.layout import features_path, validation_split_path
+from .store.reader import read_store_attrs
 
 CONFIG_FILE = "config.toml"
 
@@ -38,7 +50,7 @@ class RunConfig:
     backbones: list[str] = field(default_factory=lambda: ["streetclip", "convnextv2-large"])
     weights: dict[str, str] = field(default_factory=dict)
     presets: list[str] = field(default_factory=lambda: ["default"])  # the first one writes the submission
-    device: str = "cuda"
+    device: str = "auto"
     batch_size: int = 0
     workers: int = -1
     bad_images: str = "fail"
@@ -49,9 +61,9 @@ class RunConfig:
         self.data_dir, self.work_dir = Path(self.data_dir), Path(self.work_dir)
         self.backbones = [get_spec(b).name for b in self.backbones]
         if not self.backbones or len(self.backbones) > 2:
-            raise ValueError(f"run takes one or two backbones; got {self.backbones}")
+            raise ConfigError(f"run takes one or two backbones; got {self.backbones}")
         if not self.presets:
-            raise ValueError("at least one preset")
+            raise ConfigError("give at least one preset")
 
     @classmethod
     def from_toml(cls, path: Path, **overrides) -> "RunConfig":
@@ -59,7 +71,7 @@ class RunConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ValueError(f"{path}: unknown key(s) {unknown}; known: {sorted(known)}")
+            raise ConfigError(f"{path}: unknown key(s) {unknown}; known: {sorted(known)}")
         data.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**data)
 
@@ -193,7 +205,7 @@ def _write_evaluation(work: Path, store: Path, final: HeadPaths, scores: dict, c
     specs = [get_spec(b) for b in config.backbones]
     run_info = {
         "data_dir": str(config.data_dir.resolve()),
-        "synthetic": (config.data_dir / "test_ground_truth.csv").exists(),
+        "synthetic": (config.data_dir / TEST_TRUTH_CSV).exists(),
         "random_backbones": any(s.random_init for s in specs),
         "backbones": config.backbones,
         "presets": config.presets,

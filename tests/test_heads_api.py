@@ -8,15 +8,24 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from geoscout.device import resolve_device
+from geoscout.errors import ConfigError
 from geoscout.heads import (
-    ClassifierConfig, FusionConfig, RegressorConfig, TrainConfig, evaluate, fit_ensemble, make_validation_split,
-    predict, train_classifier, train_regressor,
+    ClassifierConfig,
+    FusionConfig,
+    RegressorConfig,
+    TrainConfig,
+    evaluate,
+    fit_ensemble,
+    predict,
+    train_classifier,
+    train_regressor,
 )
 from geoscout.heads.checkpoint import CARD_FILE, WEIGHTS_FILE, CheckpointError, load_classifier, save_head
 from geoscout.heads.classifier import classifier_outputs
-from geoscout.heads.planted import make_planted_features
-from geoscout.heads.training import resolve_device
 from geoscout.metric import METRIC_KEYS
+from geoscout.store.split import make_validation_split
+from geoscout.testing import make_planted_features
 
 BACKBONES = ("tiny-clip", "tiny-convnext")
 
@@ -197,8 +206,11 @@ def test_seed_preset_trains_end_to_end(tmp_path):
     assert json.loads((tmp_path / "seed" / CARD_FILE).read_text())["config"]["label_smoothing"] == 0.1
 
 
-def test_cuda_request_falls_back_to_cpu_with_a_warning():
+def test_an_explicit_cuda_request_without_cuda_is_a_clear_error_and_auto_takes_the_cpu():
     if torch.cuda.is_available():
         pytest.skip("CUDA is available here")
-    with pytest.warns(UserWarning, match="CUDA is not available"):
-        assert resolve_device("cuda").type == "cpu"
+    with pytest.raises(ConfigError, match="no usable CUDA device"):
+        resolve_device("cuda")
+    assert resolve_device("auto").type == "cpu"
+    with pytest.raises(ConfigError, match="unknown device"):
+        resolve_device("cuda:x")

@@ -1,6 +1,7 @@
-"""Synthetic features with a planted answer: class and position inside the class are recoverable.
+"""Test data for the heads: synthetic features with a planted answer (class and position are recoverable).
 
-For tests and benchmarks of the heads without a backbone. Each class has a centre (inside a USA-like
+Used by the tests and by bench/heads.py, never by the library itself; it lives in the package so that
+both can import it. Each class has a centre (inside a USA-like
 box) and, per backbone, a prototype embedding; a location's position inside its class moves its
 embedding along two fixed directions. Every view is the same signal plus its own noise; some views are
 missing (their slots hold large garbage a head must ignore), and a few locations miss every view.
@@ -10,8 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..geo import haversine_km
-from ..store.features import SplitFeatures
+from .geo import haversine_km
+from .store.features import SplitFeatures
 
 PLANTED_BACKBONES = {"tiny-clip": 32, "tiny-convnext": 48}
 PLANTED_NOISE = {"tiny-clip": 2.0, "tiny-convnext": 2.3}
