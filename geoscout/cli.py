@@ -12,7 +12,7 @@ from typing import Annotated, Optional
 import typer
 
 from .device import DEVICE_HELP
-from .errors import GeoscoutError, GeoscoutWarning
+from .errors import ConfigError, GeoscoutError, GeoscoutWarning
 
 app = typer.Typer(
     help="geoscout: where in the USA is this street view? Feature store + lightweight heads.",
@@ -50,16 +50,25 @@ def synth(
     test: Annotated[int, typer.Option(help="Test locations.")] = 250,
     states: Annotated[int, typer.Option(help="How many states occur (the competition has 33).")] = 33,
     seed: Annotated[int, typer.Option(help="Random seed: the same seed writes the same bytes.")] = 0,
+    difficulty: Annotated[str, typer.Option(help="standard, lookalike (neighbouring states look alike), imbalanced, noisy (grain, blank and broken views) or hard (all of them); the options below override its parts.")] = "standard",
+    lookalike: Annotated[Optional[float], typer.Option(help="0..1: how far each state's look moves toward its nearest neighbour's.")] = None,
+    imbalance: Annotated[Optional[float], typer.Option(help="State frequencies also fall as rank^-IMBALANCE.")] = None,
+    noise: Annotated[Optional[float], typer.Option(help="Multiplier of the pixel grain.")] = None,
+    blank_views: Annotated[Optional[float], typer.Option(help="Share of views that show nothing of the place.")] = None,
+    broken_views: Annotated[Optional[float], typer.Option(help="Share of views written as truncated JPEGs (extract them with --bad-images mask).")] = None,
 ) -> None:
     """Write a synthetic dataset in the competition's exact layout (plus test_ground_truth.csv).
 
     Locations are real US places, jittered; each view's colours, texture and gradients encode
-    its state and position so that models can learn. For tests and the demo: not real imagery.
+    its state and position so that models can learn. For tests, benchmarks and the demo: not
+    real imagery. --difficulty makes it harder the ways real data is hard.
     """
-    from .synth import synthesize
+    from .synth import difficulty_from, synthesize
 
     with _expected_failures():
-        summary = synthesize(out_dir, n_train=train, n_test=test, n_states=states, seed=seed)
+        level = difficulty_from(difficulty, lookalike=lookalike, imbalance=imbalance, noise=noise,
+                                blank_views=blank_views, broken_views=broken_views)
+        summary = synthesize(out_dir, n_train=train, n_test=test, n_states=states, seed=seed, difficulty=level)
     typer.echo(f"wrote {summary.n_train} train + {summary.n_test} test locations ({len(summary.states)} states) to {out_dir}")
 
 
@@ -190,105 +199,115 @@ def knn(
     typer.echo(json.dumps(report.to_json()) if as_json else report.format())
 
 
-HeadsOption = Annotated[Path, typer.Option("--heads", help="Folder of trained heads (HEADS/PRESET/classifier-BACKBONE, regressor, ensemble).")]
-PresetOption = Annotated[str, typer.Option(help="Head recipe: default (fast, tuned) or seed (the reference design).")]
+HeadsOption = Annotated[Path, typer.Option("--heads", help="Folder of trained heads: HEADS/PRESET/MEMBER/ and HEADS/PRESET/ensemble/.")]
+PresetOption = Annotated[str, typer.Option(help="Head recipe: default (recommended) or seed (the reference design on cached features).")]
 DeviceOption = Annotated[str, typer.Option(help=f"Where the heads run: {DEVICE_HELP}.")]
-SeedOption = Annotated[int, typer.Option(help="Random seed (training is deterministic on CPU for a seed).")]
+SeedOption = Annotated[int, typer.Option(help="Random seed of the folds and the training (deterministic on the CPU for a seed).")]
+FoldsOption = Annotated[int, typer.Option(help="K of the cross-fitting: every member trains K models, each early-stopped on the fold it left out.", min=2)]
+BackbonesOption = Annotated[list[str], typer.Option("--backbone", "-b", help="Backbones, in order (the seed preset gives the first one its StreetCLIP role); repeat. Default: every backbone in the store.")]
 
 
-def _heads(heads: Path, preset: str):
-    from .heads.presets import PRESETS
-    from .stages import HeadPaths
+def _plan(store_dir: Path, heads: Path, preset: str, backbones: list[str], folds: int):
+    """The store's data (each split read once) and the preset's recipe for the chosen backbones."""
+    import dataclasses
 
-    if preset not in PRESETS:
-        raise typer.BadParameter(f"unknown preset {preset!r}; available: {', '.join(PRESETS)}")
-    return HeadPaths(heads, preset)
+    from .extract.backbones import get_spec
+    from .heads.presets import recipe
+    from .stages import HeadPaths, StoreData
+
+    data = StoreData(store_dir, [get_spec(b).name for b in backbones] if backbones else None)
+    return data, HeadPaths(heads, preset), dataclasses.replace(recipe(preset, data.backbones), folds=folds)
 
 
 @app.command()
 def train(
     store_dir: Annotated[Path, typer.Argument(help="Feature store folder.")],
-    backbone: Annotated[str, typer.Option(help="Backbone whose features to train on.")],
+    backbone: BackbonesOption = [],
+    member: Annotated[list[str], typer.Option(help="Train only this member of the recipe (repeat), e.g. classifier-streetclip or probe-streetclip+convnextv2-large.")] = [],
     heads: HeadsOption = Path("heads"),
     preset: PresetOption = "default",
+    folds: FoldsOption = 5,
     device: DeviceOption = "auto",
     seed: SeedOption = 0,
 ) -> None:
-    """Train a state classifier (view fusion + head) on one backbone's cached features.
+    """Train the preset's ensemble members on cached features: a classifier per backbone and, in the
+    default preset, a logistic probe on all of them. Each is cross-fitted over K folds.
 
     The first head trained on a store fixes the validation split (STORE_DIR/validation_split.json,
-    10% of each state) that every later head and the ensemble share.
+    10% of each state) that every later head shares; it is held out from every fit and every choice.
     """
-    from .stages import train_classifier_stage
+    from .stages import train_members_stage
 
     with _expected_failures():
-        result = train_classifier_stage(store_dir, _heads(heads, preset), backbone, device=device, seed=seed)
-    typer.echo(f"classifier -> {result.out_dir}: validation score {result.metrics['score']:.4f}, "
-               f"top-1 {result.metrics['top1_accuracy']:.4f} (best epoch {result.best_epoch}, {result.seconds:.1f} s)")
-
-
-@app.command("train-regressor")
-def train_regressor(
-    store_dir: Annotated[Path, typer.Argument(help="Feature store folder.")],
-    backbone: Annotated[str, typer.Option(help="The trained classifier whose outputs the regressor reads.")],
-    heads: HeadsOption = Path("heads"),
-    preset: PresetOption = "default",
-    device: DeviceOption = "auto",
-    seed: SeedOption = 0,
-) -> None:
-    """Train the residual regressor: the offset from the predicted state's centroid, haversine loss."""
-    from .stages import train_regressor_stage
-
-    with _expected_failures():
-        r = train_regressor_stage(store_dir, _heads(heads, preset), backbone, device=device, seed=seed)
-    typer.echo(f"regressor -> {r.out_dir}: validation mean {r.regressor_mean_km:.1f} km vs {r.centroid_mean_km:.1f} km "
-               f"at the predicted state's centroid ({100 * r.relative_gain:.1f}% lower)")
+        data, paths, plan = _plan(store_dir, heads, preset, backbone, folds)
+        results = train_members_stage(data, paths, plan, names=member or None, device=device, seed=seed)
+    for r in results:
+        typer.echo(f"{r.name} -> {r.out_dir}: out-of-fold score {r.oof['score']:.4f}, top-1 {r.oof['top1_accuracy']:.4f}, "
+                   f"NLL {r.oof['nll']:.4f} ({r.seconds:.1f} s)")
 
 
 @app.command()
 def ensemble(
     store_dir: Annotated[Path, typer.Argument(help="Feature store folder.")],
-    backbone: Annotated[list[str], typer.Option("--backbone", "-b", help="The two classifiers to combine (repeat; default: the two trained).")] = [],
+    backbone: BackbonesOption = [],
+    member: Annotated[list[str], typer.Option(help="The trained members to combine (repeat); default: every trained member of the preset's recipe.")] = [],
     heads: HeadsOption = Path("heads"),
     preset: PresetOption = "default",
+    folds: FoldsOption = 5,
     device: DeviceOption = "auto",
+    seed: SeedOption = 0,
 ) -> None:
-    """Fit the logit-level ensemble alpha*A + (1-alpha)*B of two classifiers on validation."""
+    """Fit the ensemble of any number of trained members on their out-of-fold outputs: a temperature per
+    member, weights on the simplex (minimum NLL), the residual regressor, and the decoding (expected
+    distance, retrieval share), each kept only where it wins out of fold.
+    """
     from .stages import fit_ensemble_stage
 
-    paths = _heads(heads, preset)
     with _expected_failures():
-        result = fit_ensemble_stage(store_dir, paths, backbone or paths.trained_backbones(), device=device)
-    typer.echo(f"ensemble -> {result.out_dir}: alpha {result.alpha:.2f} toward {result.members[0]}, "
-               f"validation score {result.metrics['score']:.4f}")
-    for point in result.curve:
-        typer.echo(f"  alpha {point['alpha']:.2f}  score {point['score']:.4f}")
+        data, paths, plan = _plan(store_dir, heads, preset, backbone, folds)
+        result = fit_ensemble_stage(data, paths, plan, members=member or None, device=device, seed=seed)
+    typer.echo(f"ensemble -> {result.out_dir}: out-of-fold score {result.oof['ensemble']['score']:.4f} "
+               f"(slightly optimistic: these rows chose the weights)")
+    for name, w, t in zip(result.members, result.weights, result.temperatures):
+        typer.echo(f"  {name:<40} weight {w:.3f}  temperature {t:.3f}  out-of-fold score {result.oof[name]['score']:.4f}")
+    typer.echo(f"  regressor {'kept' if result.regressor else 'left out'}; decoding: {result.decode['candidates']} candidate "
+               f"cell(s), retrieval share {result.decode['retrieval_weight']:g}")
 
 
 @app.command()
 def evaluate(
     store_dir: Annotated[Path, typer.Argument(help="Feature store folder.")],
+    backbone: BackbonesOption = [],
     heads: HeadsOption = Path("heads"),
     preset: PresetOption = "default",
+    folds: FoldsOption = 5,
     device: DeviceOption = "auto",
+    seed: SeedOption = 0,
+    split: Annotated[str, typer.Option(help="validation (held out from every choice), or test where the data folder has test_ground_truth.csv (synthetic data).")] = "validation",
 ) -> None:
-    """Print the full metric set on the validation rows for each head, the ensemble and the trivial baseline."""
+    """Print every metric for the trivial baseline, each member alone and the ensemble."""
     from .stages import evaluate_stage
 
     with _expected_failures():
-        typer.echo(evaluate_stage(store_dir, _heads(heads, preset), device=device).table())
+        if split not in ("validation", "test"):
+            raise ConfigError(f"--split {split!r}; choose validation or test")
+        data, paths, plan = _plan(store_dir, heads, preset, backbone, folds)
+        typer.echo(evaluate_stage(data, paths, plan, device=device, seed=seed, split=split).table())
 
 
 @app.command()
 def predict(
     store_dir: Annotated[Path, typer.Argument(help="Feature store folder (with test features).")],
     out: Annotated[Path, typer.Option(help="Submission CSV to write.")] = Path("submission.csv"),
+    backbone: BackbonesOption = [],
     heads: HeadsOption = Path("heads"),
     preset: PresetOption = "default",
+    folds: FoldsOption = 5,
     template: Annotated[Optional[Path], typer.Option(help="sample_submission.csv to fill (default: the store's data folder's).")] = None,
     device: DeviceOption = "auto",
+    seed: SeedOption = 0,
 ) -> None:
-    """Write a competition submission for the test split: the ensemble when fitted, else classifier + regressor.
+    """Write a competition submission for the test split from the fitted ensemble.
 
     Top-5 as original state_idx, latitude/longitude, every template column; checked by the
     competition's rules before it is written.
@@ -296,7 +315,8 @@ def predict(
     from .stages import predict_stage
 
     with _expected_failures():
-        frame = predict_stage(store_dir, _heads(heads, preset), out, device=device, template=template)
+        data, paths, plan = _plan(store_dir, heads, preset, backbone, folds)
+        frame = predict_stage(data, paths, plan, out, device=device, seed=seed, template=template)
     typer.echo(f"wrote {out} ({frame.height} locations)")
 
 
@@ -341,13 +361,15 @@ def report(work_dir: Annotated[Path, typer.Argument(help="A `geoscout run` work 
 def run(
     data_dir: Annotated[Optional[Path], typer.Argument(help="Competition folder.")] = None,
     work: Annotated[Optional[Path], typer.Option(help="Work folder: store, heads, submission.csv, report/.")] = None,
-    backbones: Annotated[Optional[str], typer.Option(help="Comma-separated backbones (one or two) [default: streetclip,convnextv2-large].")] = None,
+    backbones: Annotated[Optional[str], typer.Option(help="Comma-separated backbones, any number, in order [default: streetclip,convnextv2-large].")] = None,
     weights: Annotated[list[str], typer.Option(help="BACKBONE=PATH or BACKBONE=HUB_ID (repeat).")] = [],
     preset: Annotated[list[str], typer.Option(help="Head recipe(s); the first writes the submission; repeat to compare [default: default].")] = [],
     device: Annotated[Optional[str], typer.Option(help=f"{DEVICE_HELP} [default: auto].")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Extraction batch size in views.")] = None,
     bad_images: Annotated[Optional[str], typer.Option(help="fail or mask.")] = None,
     flip: Annotated[Optional[bool], typer.Option("--flip", help="Also extract mirrored views for flip test-time augmentation (twice the extraction work).")] = None,
+    folds: Annotated[Optional[int], typer.Option(help="K of the heads' cross-fitting [default: 5].", min=2)] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Random seed of the split, folds and training [default: 0].")] = None,
     config: Annotated[Optional[Path], typer.Option(help="A TOML file with these settings (a run's WORK/config.toml reproduces it); flags override it.")] = None,
 ) -> None:
     """The whole job: validate, extract, train, ensemble, predict, report.
@@ -362,7 +384,7 @@ def run(
     overrides = dict(
         data_dir=data_dir, work_dir=work, backbones=backbones.split(",") if backbones else None,
         weights=_parse_weights(weights) or None, presets=preset or None, device=device, batch_size=batch_size,
-        bad_images=bad_images, flip=flip,
+        bad_images=bad_images, flip=flip, folds=folds, seed=seed,
     )
     with _expected_failures():
         if config is not None:
@@ -372,7 +394,11 @@ def run(
                 raise typer.BadParameter("give DATA_DIR and --work (or --config)")
             cfg = RunConfig(**{k: v for k, v in overrides.items() if v is not None})
         result = run_pipeline(cfg)
+    typer.echo("validation rows (held out from every choice):")
     typer.echo(score_table(result.scores))
+    if result.test_scores:
+        typer.echo("test split (its truth is known: synthetic data):")
+        typer.echo(score_table(result.test_scores))
 
 
 @app.command()

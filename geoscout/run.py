@@ -1,13 +1,16 @@
 """`geoscout run`: the whole job, from a competition folder to a submission and a report.
 
-validate -> extract -> classifiers -> regressor -> ensemble -> evaluate -> predict -> report.
-Each finished stage leaves a marker in WORK/stages/ holding a key of everything it depended on;
-a rerun skips a stage whose key still matches, so it is idempotent and resumes after a kill
-(extraction itself resumes shard by shard). Outputs are swapped into place whole.
+validate -> extract -> per preset: each ensemble member (cross-fitted) -> the ensemble (weights,
+regressor and decoding fitted on out-of-fold outputs) -> evaluate -> predict -> report.
+Each finished stage leaves a marker in WORK/stages/ holding a key of everything it depended on (the
+resolved head configs, not the preset's name, so editing a preset retrains what it changed); a rerun
+skips a stage whose key still matches, so it is idempotent and resumes after a kill (extraction itself
+resumes shard by shard). Outputs are swapped into place whole.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -24,18 +27,12 @@ from .data import load_competition, validate_competition
 from .errors import ConfigError
 from .extract.backbones import get_spec
 from .extract.runner import extract
+from .heads.api import read_ensemble
+from .heads.configio import config_to_dict
+from .heads.presets import PRESETS, Recipe, recipe
 from .problems import InputError
 from .stages import (
-    HeadPaths,
-    evaluate_stage,
-    fit_ensemble_stage,
-    load_train,
-    predict_stage,
-    regressor_backbone,
-    train_classifier_stage,
-    train_regressor_stage,
-    validation_mask,
-    validation_predictions,
+    HeadPaths, StoreData, evaluate_stage, fit_ensemble_stage, predict_stage, train_members_stage, validation_predictions,
 )
 from .store.layout import features_path, validation_split_path
 from .store.reader import read_store_attrs
@@ -55,15 +52,22 @@ class RunConfig:
     workers: int = -1
     bad_images: str = "fail"
     seed: int = 0
+    folds: int = 5  # K of the cross-fitting (every preset)
     flip: bool = False  # also extract mirrored views, for the ensemble's flip TTA (twice the extraction work)
 
     def __post_init__(self) -> None:
         self.data_dir, self.work_dir = Path(self.data_dir), Path(self.work_dir)
-        self.backbones = [get_spec(b).name for b in self.backbones]
-        if not self.backbones or len(self.backbones) > 2:
-            raise ConfigError(f"run takes one or two backbones; got {self.backbones}")
+        self.backbones = list(dict.fromkeys(get_spec(b).name for b in self.backbones))
+        if not self.backbones:
+            raise ConfigError("give at least one backbone")
         if not self.presets:
             raise ConfigError("give at least one preset")
+        unknown = [p for p in self.presets if p not in PRESETS]
+        if unknown:
+            raise ConfigError(f"unknown preset(s) {unknown}; available: {', '.join(PRESETS)}")
+
+    def recipe(self, preset: str) -> Recipe:
+        return dataclasses.replace(recipe(preset, self.backbones), folds=self.folds)
 
     @classmethod
     def from_toml(cls, path: Path, **overrides) -> "RunConfig":
@@ -92,7 +96,8 @@ class RunResult:
     work_dir: Path
     submission: Path
     report: Path
-    scores: dict[str, dict[str, float]]
+    scores: dict[str, dict[str, float]]  # validation rows
+    test_scores: dict[str, dict[str, float]]  # the test split, only where its truth is known (synthetic data)
     ran: list[str]
     skipped: list[str]
 
@@ -153,55 +158,70 @@ def run_pipeline(config: RunConfig, *, progress: bool = True, log: Callable[[str
             batch_size=config.batch_size, workers=config.workers, bad_images=config.bad_images, flip=config.flip,
             check_images=False, progress=progress)
     store_keys = {b: read_store_attrs(features_path(store, "train", b))["backbone_fingerprint"] for b in config.backbones}
-
-    validation_mask(store, load_train(store, config.backbones[:1]))  # made once; every head shares it
+    data = StoreData(store, list(config.backbones))  # each split is read once for every stage below
+    data.validation_mask()  # made once; every head shares it
     split_key = _key(validation_split_path(store).read_text())
     scores: dict[str, dict[str, float]] = {}
+    test_scores: dict[str, dict[str, float]] = {}
+    truth = data.test_truth()
     for preset in config.presets:
+        plan = config.recipe(preset)
         heads = HeadPaths(heads_root, preset)
-        classifier_keys = {}
-        for b in config.backbones:
-            classifier_keys[b] = _key("classifier", preset, b, config.seed, dataset, store_keys[b], split_key, __version__)
-            stages.run(f"{preset}.classifier-{b}", classifier_keys[b],
-                       lambda b=b: train_classifier_stage(store, heads, b, device=config.device, seed=config.seed, progress=progress),
-                       [heads.classifier(b)])
-        rb = regressor_backbone(config.backbones)
-        regressor_key = _key("regressor", preset, classifier_keys[rb], config.seed)
-        stages.run(f"{preset}.regressor", regressor_key,
-                   lambda: train_regressor_stage(store, heads, rb, device=config.device, seed=config.seed, progress=progress),
-                   [heads.regressor])
-        if len(config.backbones) == 2:
-            stages.run(f"{preset}.ensemble", _key("ensemble", preset, classifier_keys, regressor_key, config.flip),
-                       lambda: fit_ensemble_stage(store, heads, config.backbones, device=config.device),
-                       [heads.ensemble])
-        evaluation = evaluate_stage(store, heads, device=config.device)
-        scores.update({f"{preset}/{_model_name(name)}": m for name, m in evaluation.metrics.items() if name != "baseline"})
+        member_keys = {}
+        for spec in plan.members:
+            member_keys[spec.name] = _key("member", spec.kind, list(spec.backbones), config_to_dict(spec.config),
+                                          [store_keys[b] for b in spec.backbones], split_key, plan.folds, config.seed,
+                                          __version__)
+            stages.run(f"{preset}.{spec.name}", member_keys[spec.name],
+                       lambda spec=spec: train_members_stage(data, heads, plan, names=[spec.name], device=config.device,
+                                                             seed=config.seed, progress=progress),
+                       [heads.member(spec.name)])
+        ensemble_key = _key("ensemble", member_keys, config_to_dict(plan.ensemble), config_to_dict(plan.regressor),
+                            config.flip)
+        stages.run(f"{preset}.ensemble", ensemble_key,
+                   lambda: fit_ensemble_stage(data, heads, plan, members=[m.name for m in plan.members],
+                                              device=config.device, seed=config.seed, progress=progress),
+                   [heads.ensemble])
+        evaluation = evaluate_stage(data, heads, plan, device=config.device, seed=config.seed)
+        scores.update({f"{preset}/{name}": m for name, m in evaluation.metrics.items() if name != "baseline"})
         scores["baseline"] = evaluation.metrics["baseline"]
+        if truth is not None:
+            on_test = evaluate_stage(data, heads, plan, device=config.device, seed=config.seed, split="test")
+            test_scores.update({f"{preset}/{name}": m for name, m in on_test.metrics.items() if name != "baseline"})
+            test_scores["baseline"] = on_test.metrics["baseline"]
 
+    final_plan = config.recipe(config.presets[0])
     final = HeadPaths(heads_root, config.presets[0])
-    _write_evaluation(work, store, final, scores, config, progress)
+    _write_evaluation(work, data, final, final_plan, scores, test_scores, config)
     submission = work / "submission.csv"
-    predict_stage(store, final, submission, device=config.device)
+    predict_stage(data, final, final_plan, submission, device=config.device, seed=config.seed)
     log(f"[done] wrote {submission}")
     report = build_report(work)
     log(f"[done] report: {report}")
-    return RunResult(work, submission, report, scores, stages.ran, stages.skipped)
+    return RunResult(work, submission, report, scores, test_scores, stages.ran, stages.skipped)
 
 
-def _model_name(name: str) -> str:
-    """evaluate() names rows by backbone; the report wants the kind of head too."""
-    if name in ("ensemble", "baseline"):
-        return name
-    if name.endswith("+regressor"):
-        return f"regressor-{name.removesuffix('+regressor')}"
-    return f"classifier-{name}"
+def ensemble_summary(ensemble_dir: Path) -> dict:
+    """What the report draws of an ensemble: members with weights, temperatures and OOF scores."""
+    record = read_ensemble(ensemble_dir)
+    keys = ("score", "top1_accuracy", "mean_km", "nll")
+    return {
+        "members": [{"name": m["name"], "kind": m["kind"], "backbones": m["backbones"], "weight": m["weight"],
+                     "temperature": m["temperature"], "oof": {k: m["oof"][k] for k in keys}} for m in record["members"]],
+        "oof": {k: record["oof"][k] for k in keys},
+        "regressor": record["regressor"],
+        "retrieval_weight": record["decode"]["retrieval_weight"],
+        "candidates": record["decode"]["candidates"],
+        "fallback_to": record["fallback_to"],
+        "folds": record["folds"],
+    }
 
 
-def _write_evaluation(work: Path, store: Path, final: HeadPaths, scores: dict, config: RunConfig, progress: bool) -> None:
-    """What the report reads (see report.py): scores, the final model's validation predictions, the alpha curve."""
+def _write_evaluation(work: Path, data: StoreData, final: HeadPaths, plan: Recipe, scores: dict, test_scores: dict,
+                      config: RunConfig) -> None:
+    """What the report reads (see report.py): scores, the final ensemble's validation predictions and members."""
     eval_dir = work / "eval"
     eval_dir.mkdir(exist_ok=True)
-    final_model = f"{final.preset}/ensemble" if final.ensemble.exists() else f"{final.preset}/regressor-{regressor_backbone(config.backbones)}"
     specs = [get_spec(b) for b in config.backbones]
     run_info = {
         "data_dir": str(config.data_dir.resolve()),
@@ -209,21 +229,22 @@ def _write_evaluation(work: Path, store: Path, final: HeadPaths, scores: dict, c
         "random_backbones": any(s.random_init for s in specs),
         "backbones": config.backbones,
         "presets": config.presets,
-        "final_model": final_model,
+        "final_model": f"{final.preset}/ensemble",
+        "folds": config.folds,
     }
     atomic_write_text(work / "run.json", json.dumps(run_info, indent=2))
     atomic_write_text(eval_dir / "scores.json", json.dumps(scores, indent=2))
-    predictions = validation_predictions(store, final, device=config.device)
+    test_path = eval_dir / "test_scores.json"
+    if test_scores:
+        atomic_write_text(test_path, json.dumps(test_scores, indent=2))
+    else:
+        test_path.unlink(missing_ok=True)
+    predictions = validation_predictions(data, final, plan, device=config.device, seed=config.seed)
     tmp = eval_dir / "val_predictions.csv.tmp"
     predictions.write_csv(tmp)
     os.replace(tmp, eval_dir / "val_predictions.csv")
-    curve_path = eval_dir / "alpha_curve.json"
-    if final.ensemble.exists():
-        record = json.loads((final.ensemble / "ensemble.json").read_text())
-        curve = [{"alpha": p["alpha"], **{k: p[k] for k in ("score", "classification_score", "gps_score")}} for p in record["alpha_curve"]]
-        atomic_write_text(curve_path, json.dumps({"chosen_alpha": record["alpha"], "curve": curve}, indent=2))
-    else:
-        curve_path.unlink(missing_ok=True)
+    atomic_write_text(eval_dir / "ensemble.json", json.dumps(ensemble_summary(final.ensemble), indent=2))
+    (eval_dir / "alpha_curve.json").unlink(missing_ok=True)  # written by earlier versions
 
 
 def score_table(scores: dict[str, dict[str, float]], keys=("score", "classification_score", "gps_score", "top1_accuracy", "mean_km", "median_km")) -> str:
@@ -260,5 +281,8 @@ def run_demo(work_dir: Path, *, n_train: int = 600, n_test: int = 150, n_states:
     result = run_pipeline(config, progress=progress, log=log)
     log("\nvalidation scores (synthetic data, random backbones):")
     log(score_table(result.scores))
+    if result.test_scores:
+        log("\ntest-split scores (synthetic data only: the competition keeps its test truth):")
+        log(score_table(result.test_scores))
     log(f"\nsubmission: {result.submission}\nreport:     {result.report}  (open it in a browser)")
     return result

@@ -4,18 +4,23 @@ Locations are real US populated places (jittered a few km); each of the four vie
 procedurally drawn scene whose palette and texture tell the state, whose continuous cues
 (stripe angle and frequency, colour shift, sky tint) tell the position, and whose horizon
 and lighting tell the direction, under enough noise that it is not trivial.
+
+A `Difficulty` makes it harder the ways real data is hard: neighbouring states that look alike,
+imbalanced states, heavier noise, views that carry no information, and broken image files
+(which `extract --bad-images mask` masks). `DIFFICULTIES` names the settings the benchmarks use.
 """
 
 from __future__ import annotations
 
 import colorsys
 import csv
+import io
 import math
 import os
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from functools import cache
 from importlib.resources import files
 from pathlib import Path
@@ -25,6 +30,7 @@ from PIL import Image
 
 from .competition import GROUND_TRUTH_COLUMNS, MAPPING_CSV, SUBMISSION_COLUMNS, TEST_CSV, TEST_TRUTH_CSV, TRAIN_CSV, VIEWS
 from .errors import ConfigError
+from .geo import haversine_km
 from .states import NUM_STATES, STATES, state_index
 
 IMAGE_SIZE = 256
@@ -42,6 +48,44 @@ _BRIGHTNESS = (0.82, 1.0, 1.15, 1.0)
 
 
 @dataclass(frozen=True)
+class Difficulty:
+    """How much harder than the plain synthetic set; the defaults are the plain set."""
+
+    lookalike: float = 0.0  # 0..1: each state's look is blended this far toward its nearest chosen neighbour's
+    imbalance: float = 0.0  # >= 0: state frequencies also fall as rank**-imbalance (Zipf-like), rank seeded
+    noise: float = 1.0  # multiplier of the pixel grain
+    blank_views: float = 0.0  # 0..1: share of views that show nothing of the place (an overexposed frame)
+    broken_views: float = 0.0  # 0..1: share of views written as truncated JPEG files (to be masked)
+
+    def __post_init__(self) -> None:
+        for name in ("lookalike", "blank_views", "broken_views"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ConfigError(f"difficulty {name} must be in [0, 1]; got {getattr(self, name)}")
+        if self.imbalance < 0 or self.noise < 0:
+            raise ConfigError("difficulty imbalance and noise must be non-negative")
+
+
+DIFFICULTIES = {
+    "standard": Difficulty(),
+    "lookalike": Difficulty(lookalike=0.85),
+    "imbalanced": Difficulty(imbalance=1.2),
+    "noisy": Difficulty(noise=2.5, blank_views=0.15, broken_views=0.05),
+    "hard": Difficulty(lookalike=0.7, imbalance=0.8, noise=2.0, blank_views=0.1, broken_views=0.03),
+}
+
+
+def difficulty_from(name: str = "standard", **overrides: float | None) -> Difficulty:
+    """A named difficulty with some of its fields overridden (None leaves a field as named)."""
+    if name not in DIFFICULTIES:
+        raise ConfigError(f"unknown difficulty {name!r}; available: {', '.join(DIFFICULTIES)}")
+    known = {f.name for f in fields(Difficulty)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise ConfigError(f"unknown difficulty field(s) {unknown}; known: {sorted(known)}")
+    return replace(DIFFICULTIES[name], **{k: v for k, v in overrides.items() if v is not None})
+
+
+@dataclass(frozen=True)
 class SynthSummary:
     out_dir: Path
     train_csv: Path
@@ -53,6 +97,7 @@ class SynthSummary:
     n_images: int
     states: tuple[str, ...]
     seconds: float
+    difficulty: Difficulty
 
 
 @dataclass(frozen=True)
@@ -133,16 +178,42 @@ def _state_style(state_idx: int) -> _StateStyle:
     )
 
 
+def _blend(a: _StateStyle, b: _StateStyle, t: float) -> _StateStyle:
+    """a moved a fraction t toward b in every visual trait; its own centre and spread (position cues) stay."""
+    mix = lambda x, y: (1 - t) * x + t * y  # noqa: E731
+    return replace(
+        a, sky=mix(a.sky, b.sky), ground=mix(a.ground, b.ground), accent=mix(a.accent, b.accent),
+        stripe_angle=mix(a.stripe_angle, b.stripe_angle), stripe_freq=mix(a.stripe_freq, b.stripe_freq),
+        bar_width=max(1, int(round(mix(a.bar_width, b.bar_width)))), bar_height=mix(a.bar_height, b.bar_height),
+        bar_density=mix(a.bar_density, b.bar_density),
+    )
+
+
+def state_styles(states: tuple[int, ...], lookalike: float) -> dict[int, _StateStyle]:
+    """Each state's look; with `lookalike` > 0, pulled toward the midpoint with its nearest chosen state
+    (by centre distance), so geographic neighbours become hard to tell apart, as real ones are."""
+    own = {s: _state_style(s) for s in states}
+    if lookalike == 0 or len(states) < 2:
+        return own
+    centres = np.array([own[s].centre for s in states])
+    styles = {}
+    for i, s in enumerate(states):
+        d = haversine_km(centres[i, 0], centres[i, 1], centres[:, 0], centres[:, 1])
+        d[i] = np.inf
+        neighbour = states[int(np.argmin(d))]
+        styles[s] = _blend(own[s], own[neighbour], lookalike / 2)
+    return styles
+
+
 def _sample_locations(
-    rng: np.random.Generator, states: tuple[int, ...], n: int, first_id: int, cover_all: bool
+    rng: np.random.Generator, states: tuple[int, ...], n: int, first_id: int, cover_all: bool,
+    state_weights: np.ndarray,
 ) -> list[_Location]:
     places = _load_places()
     candidates = [np.flatnonzero(places.state == s) for s in states]
     # sqrt(population) within a state: street-view coverage grows slower than population.
     place_p = [np.sqrt(places.population[c]) / np.sqrt(places.population[c]).sum() for c in candidates]
-    # Skewed like the real data: states with more places get more locations.
-    weights = np.sqrt([len(c) for c in candidates])
-    drawn = rng.choice(len(states), size=n, p=weights / weights.sum())
+    drawn = rng.choice(len(states), size=n, p=state_weights)
     if cover_all and n >= len(states):
         drawn[: len(states)] = np.arange(len(states))  # every chosen state occurs in train
         rng.shuffle(drawn)
@@ -166,9 +237,9 @@ def _col(rgb: np.ndarray) -> np.ndarray:
     return np.asarray(rgb, dtype=np.float32).reshape(3, 1, 1)
 
 
-def render_view(state_idx: int, lat: float, lon: float, direction: int, rng: np.random.Generator) -> np.ndarray:
+def render_view(style: _StateStyle, lat: float, lon: float, direction: int, rng: np.random.Generator, *,
+                noise: float = 1.0) -> np.ndarray:
     """One 256x256 RGB uint8 view (height, width, channel) of a location looking in VIEWS[direction]."""
-    style = _state_style(state_idx)
     # Offsets from the state's centre, squashed to (-1, 1): the in-state position cues.
     du = math.tanh((lat - style.centre[0]) / style.spread)
     dv = math.tanh((lon - style.centre[1]) / style.spread)
@@ -213,7 +284,8 @@ def render_view(state_idx: int, lat: float, lon: float, direction: int, rng: np.
     img *= 255.0 * light
     # Grain in 2x2 blocks, added in place through a broadcast view: a quarter of the random draws.
     half = IMAGE_SIZE // 2
-    grain = rng.random((3, half, 1, half, 1), dtype=np.float32) * (2 * _NOISE_AMPLITUDE) - _NOISE_AMPLITUDE
+    amplitude = _NOISE_AMPLITUDE * noise
+    grain = rng.random((3, half, 1, half, 1), dtype=np.float32) * (2 * amplitude) - amplitude
     img.reshape(3, half, 2, half, 2)[...] += grain
     np.clip(img, 0, 255, out=img)
     return img.transpose(1, 2, 0).astype(np.uint8, order="C")
@@ -223,13 +295,31 @@ def image_name(sample_id: int, direction: str) -> str:
     return f"img_{sample_id:06d}_{direction}.jpg"
 
 
-def _render_location(location: _Location, images_dir: Path, seed: int) -> None:
+def blank_view(rng: np.random.Generator) -> np.ndarray:
+    """A view that shows nothing of the place: an overexposed, nearly flat frame with sensor grain."""
+    level = rng.uniform(170, 250)
+    img = level + rng.normal(0, 12, (IMAGE_SIZE, IMAGE_SIZE, 3))
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def _render_location(location: _Location, images_dir: Path, seed: int, style: _StateStyle,
+                     difficulty: Difficulty) -> None:
     # One generator per location: output bytes do not depend on thread scheduling.
     rng = np.random.default_rng([seed, location.sample_id])
+    # The difficulty's draws come from a stream of their own: the plain set's bytes do not change.
+    hard = np.random.default_rng([seed, location.sample_id, 1])
     for d, direction in enumerate(VIEWS):
-        pixels = render_view(location.state_idx, location.lat, location.lon, d, rng)
+        if hard.random() < difficulty.blank_views:
+            pixels = blank_view(hard)
+        else:
+            pixels = render_view(style, location.lat, location.lon, d, rng, noise=difficulty.noise)
         path = images_dir / image_name(location.sample_id, direction)
-        Image.fromarray(pixels, "RGB").save(path, quality=JPEG_QUALITY)
+        buffer = io.BytesIO()
+        Image.fromarray(pixels, "RGB").save(buffer, format="JPEG", quality=JPEG_QUALITY)
+        data = buffer.getvalue()
+        if hard.random() < difficulty.broken_views:
+            data = data[: len(data) // 2]  # a download cut short: `validate` reports it, `--bad-images mask` masks it
+        path.write_bytes(data)
 
 
 def _image_columns(sample_id: int) -> list[str]:
@@ -266,8 +356,19 @@ def _write_sample_submission(
     _write_csv(path, SUBMISSION_COLUMNS, rows)
 
 
+def _state_weights(rng: np.random.Generator, states: tuple[int, ...], imbalance: float) -> np.ndarray:
+    places = _load_places()
+    # Skewed like the real data: states with more places get more locations.
+    weights = np.sqrt([np.count_nonzero(places.state == s) for s in states]).astype(np.float64)
+    if imbalance:
+        rank = rng.permutation(len(states)) + 1.0  # which states are rare is drawn, not fixed by name
+        weights *= rank ** -imbalance
+    return weights / weights.sum()
+
+
 def synthesize(
-    out_dir: Path, *, n_train: int, n_test: int, n_states: int = 33, seed: int = 0, progress: bool = True
+    out_dir: Path, *, n_train: int, n_test: int, n_states: int = 33, seed: int = 0, progress: bool = True,
+    difficulty: Difficulty = Difficulty(),
 ) -> SynthSummary:
     """Write a competition-layout dataset (plus test_ground_truth.csv for local scoring) to out_dir."""
     if n_train < 0 or n_test < 0:
@@ -275,18 +376,20 @@ def synthesize(
     start = time.perf_counter()
     out_dir = Path(out_dir)
     states = choose_states(n_states)
+    styles = state_styles(states, difficulty.lookalike)
     rng = np.random.default_rng([seed, 0])
+    state_weights = _state_weights(np.random.default_rng([seed, 1]), states, difficulty.imbalance)
     # Test sample_ids continue after train's, as in the competition: ids are unique across splits.
     splits = {
-        "train": _sample_locations(rng, states, n_train, first_id=0, cover_all=True),
-        "test": _sample_locations(rng, states, n_test, first_id=n_train, cover_all=False),
+        "train": _sample_locations(rng, states, n_train, first_id=0, cover_all=True, state_weights=state_weights),
+        "test": _sample_locations(rng, states, n_test, first_id=n_train, cover_all=False, state_weights=state_weights),
     }
 
     jobs = []
     for split, locations in splits.items():
         images_dir = out_dir / f"{split}_images"
         images_dir.mkdir(parents=True, exist_ok=True)
-        jobs += [(loc, images_dir, seed) for loc in locations]
+        jobs += [(loc, images_dir, seed, styles[loc.state_idx], difficulty) for loc in locations]
     # numpy and libjpeg release the GIL, so threads use all cores without pickling.
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
         futures = [pool.submit(_render_location, *job) for job in jobs]
@@ -313,4 +416,5 @@ def synthesize(
         n_images=4 * (n_train + n_test),
         states=tuple(STATES[s] for s in occurring),
         seconds=time.perf_counter() - start,
+        difficulty=difficulty,
     )

@@ -1,29 +1,22 @@
-"""Lightweight heads on frozen per-view embeddings: Scout (state classifier), Sniper (offset regressor),
-their logit-level ensemble, and the end-to-end functions that train, predict and evaluate them."""
+"""Lightweight heads on frozen per-view embeddings: cross-fitted members (classifiers and a logistic
+probe), their ensemble fitted on out-of-fold outputs, a residual regressor, and decoding to an answer."""
 
 from .api import (
-    ClassifierResult,
-    EnsembleResult,
-    EvaluationResult,
-    RegressorResult,
-    evaluate,
-    fit_ensemble,
-    needs_gallery,
-    predict,
-    train_classifier,
-    train_regressor,
+    EnsembleResult, EvaluationResult, ensemble_outputs, evaluate, fit_ensemble, make_protocol, needs_gallery, predict,
+    read_ensemble, train_members,
 )
 from .decode import DecodeConfig
 from .ensemble import EnsembleConfig
 from .fusion import FusionConfig
-from .models import ClassifierConfig, RegressorConfig
-from .presets import PRESETS, classifier_preset, ensemble_preset, regressor_preset
+from .members import MemberResult, MemberSpec, Protocol
+from .models import ClassifierConfig, ProbeConfig, RegressorConfig
+from .presets import PRESETS, Recipe, recipe
 from .submission import class_ids_to_state_idx, to_submission_frame
 from .training import Prediction, TrainConfig
 
 __all__ = [
-    "ClassifierConfig", "ClassifierResult", "DecodeConfig", "EnsembleConfig", "EnsembleResult", "EvaluationResult", "FusionConfig",
-    "PRESETS", "Prediction", "RegressorConfig", "RegressorResult", "TrainConfig", "class_ids_to_state_idx",
-    "classifier_preset", "ensemble_preset", "evaluate", "fit_ensemble", "needs_gallery", "predict", "regressor_preset", "to_submission_frame",
-    "train_classifier", "train_regressor",
+    "ClassifierConfig", "DecodeConfig", "EnsembleConfig", "EnsembleResult", "EvaluationResult", "FusionConfig",
+    "MemberResult", "MemberSpec", "PRESETS", "Prediction", "ProbeConfig", "Protocol", "Recipe", "RegressorConfig",
+    "TrainConfig", "class_ids_to_state_idx", "ensemble_outputs", "evaluate", "fit_ensemble", "make_protocol",
+    "needs_gallery", "predict", "read_ensemble", "recipe", "to_submission_frame", "train_members",
 ]

@@ -1,8 +1,12 @@
-"""End-to-end head functions (what the CLI calls): train the heads, fit the ensemble, predict, evaluate.
+"""The head API (what the stages and the CLI call): make the protocol, train members, fit the ensemble,
+predict, evaluate. Every function takes SplitFeatures and folders, works without a CLI and returns a
+small result.
 
-Every function takes SplitFeatures and folders, works without a CLI and returns a small result.
-All heads of one run share one validation split: each head records its digest, and mixing heads
-validated on different rows is refused.
+The protocol (folds.py): validation rows are held out from every fit and every choice; the rest are
+cut into K folds. Members are cross-fitted; the ensemble's temperatures and weights, the regressor,
+and the decoding choices (expected-distance decoding, the regressor kept or not, the retrieval share)
+are fitted on out-of-fold outputs. Validation scores are therefore honest; out-of-fold scores are
+slightly optimistic (each fold's model stopped early on that fold's rows, and the choices were made on them).
 """
 
 from __future__ import annotations
@@ -10,78 +14,396 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from ..atomic import atomic_dir, atomic_write_text
 from ..competition import NO_PREDICTION
 from ..device import resolve_device
-from ..errors import warn
+from ..errors import ConfigError, warn
 from ..geo import spherical_mean
-from ..metric import METRIC_KEYS
+from ..metric import METRIC_KEYS, score_predictions
 from ..store.features import SplitFeatures
 from ..store.split import validation_digest
-from .checkpoint import (
-    CheckpointError,
-    HeadCard,
-    check_features,
-    load_classifier,
-    load_regressor,
-    save_head,
-    weights_sha256,
+from .checkpoint import CheckpointError, HeadCard, load_weights, read_card, save_head, weights_sha256
+from .configio import config_from_dict, config_to_dict
+from .decode import decode
+from .ensemble import EnsembleConfig, fine_cells, fit_temperature, fit_weights, joint_cell_logits, pool, state_log_probs
+from .folds import Folds, make_folds
+from .geocells import Geocells
+from .inputs import row_statistics, view_means, views_of
+from .members import (
+    LoadedMember, MemberResult, MemberSpec, Protocol, load_member, member_logits, member_metrics, member_oof, train_member,
 )
-from .classifier import ClassifierObjective, classifier_outputs
-from .decode import RETRIEVAL_WEIGHTS, DecodeConfig, decode
-from .ensemble import EnsembleConfig, alpha_curve, best_alpha, combine_logits, fit_temperature, member_order
-from .geocells import Geocells, make_geocells
-from .models import ClassifierConfig, RegressorConfig, Scout, Sniper
-from .presets import classifier_preset, config_from_dict, config_to_dict, ensemble_preset, regressor_preset
+from .models import RegressorConfig, Sniper
 from .regressor import Anchors, RegressorObjective, regressed_points
-from .retrieval import Neighbours, build_gallery, search
-from .training import Prediction, Truth, fit, score, seeded, top5_from_logits
-from .tta import check_tta, mirrored_views
+from .retrieval import Neighbours, SearchSpace, build_gallery, fit_space, oof_neighbours, search
+from .training import Prediction, fit, seeded
 
 ENSEMBLE_FILE = "ensemble.json"
-ENSEMBLE_FORMAT = "geoscout-ensemble/2"  # 2: geocells, flip TTA, expected-distance decoding, retrieval
+ENSEMBLE_FORMAT = "geoscout-ensemble/3"  # 3: any number of cross-fitted members, fitted on out-of-fold outputs
+REGRESSOR_DIR = "regressor"
+SPACE_FILE = "retrieval.npz"
 EVAL_BATCH = 4096
 
 
-@dataclass
-class ClassifierResult:
-    out_dir: Path
-    backbone: str
-    metrics: dict[str, float]  # validation METRIC_KEYS of the kept weights (top-5 + predicted class centroid)
-    best_epoch: int
-    epochs_run: int
-    seconds: float
+# ------------------------------------------------------------------------------------------ protocol
 
 
-@dataclass
-class RegressorResult:
-    out_dir: Path
-    metrics: dict[str, float]  # validation: the classifier's top-5 + the regressor's coordinates
-    centroid_metrics: dict[str, float]  # validation: the classifier's top-5 + its top-1 class centroid
-    centroid_mean_km: float
-    regressor_mean_km: float
-    relative_gain: float  # 1 - regressor_mean_km / centroid_mean_km
-    best_epoch: int
-    epochs_run: int
-    seconds: float
+def make_protocol(train: SplitFeatures, val_mask: np.ndarray, *, folds: int, seed: int = 0) -> Protocol:
+    """Validation rows (the store's split) and K stratified folds of the rest."""
+    if not train.labelled:
+        raise ConfigError(f"split {train.split!r} has no labels; the heads train on the training split")
+    val_mask = np.asarray(val_mask)
+    if val_mask.dtype != bool or val_mask.shape != (len(train),):
+        raise ValueError(f"val_mask must be a bool array of shape ({len(train)},); got {val_mask.dtype} {val_mask.shape}")
+    fit_rows, val_rows = np.flatnonzero(~val_mask), np.flatnonzero(val_mask)
+    if len(val_rows) == 0:
+        raise ConfigError("the validation split holds no rows: too few training locations per state")
+    return Protocol(make_folds(train.sample_id, train.class_id, fit_rows, k=folds, seed=seed), val_rows,
+                    validation_digest(train.sample_id[val_rows]))
+
+
+def train_members(train: SplitFeatures, specs: list[MemberSpec], protocol: Protocol, out_dirs: dict[str, Path], *,
+                  device: str = "auto", seed: int = 0, progress: bool = True) -> list[MemberResult]:
+    """Cross-fit each member into its folder (written whole: NAME.tmp renamed into place)."""
+    dev = resolve_device(device)
+    results = []
+    for spec in specs:
+        with atomic_dir(out_dirs[spec.name]) as tmp:
+            result = train_member(train, spec, protocol, tmp, device=dev, seed=seed, progress=progress)
+        result.out_dir = Path(out_dirs[spec.name])
+        results.append(result)
+    return results
+
+
+# ------------------------------------------------------------------------------------------ ensemble
 
 
 @dataclass
 class EnsembleResult:
     out_dir: Path
-    members: list[str]  # [A, B]: alpha weighs A
-    alpha: float
-    temperatures: dict[str, float]
-    metrics: dict[str, float]  # validation, at the chosen alpha
-    curve: list[dict[str, float]]  # {"alpha", **metrics} over the grid
-    flip_tta: str  # the flip TTA used ("none" when the store has no flipped features)
-    retrieval_weight: float  # 0: no retrieval
-    retrieval_curve: list[dict[str, float]]  # {"retrieval_weight", **metrics} over the tried weights
+    members: list[str]
+    weights: list[float]
+    temperatures: list[float]
+    oof: dict[str, dict[str, float]]  # member name and "ensemble" -> OOF metrics (slightly optimistic)
+    regressor: bool  # kept
+    decode: dict  # the chosen candidates and retrieval share
+    choices: list[dict]  # every decoding tried on OOF, with its metrics
+    seconds: float
+
+
+@dataclass
+class _Members:
+    """Members loaded for an ensemble, with what pooling them needs."""
+
+    loaded: list[LoadedMember]
+    geocells: Geocells  # the ensemble's cells: the shared fine geocells, else one per state
+    fine: list[int]  # which members give q(c | s)
+
+    @property
+    def names(self) -> list[str]:
+        return [m.card.name for m in self.loaded]
+
+    @property
+    def backbones(self) -> list[str]:
+        return list(dict.fromkeys(b for m in self.loaded for b in m.card.backbones))
+
+
+def _load_members(member_dirs: list[Path]) -> _Members:
+    if not member_dirs:
+        raise ConfigError("an ensemble needs at least one trained member")
+    loaded = [load_member(Path(d)) for d in member_dirs]
+    first = loaded[0].card
+    for m in loaded[1:]:
+        for key in ("dataset_fingerprint", "classes", "validation_digest", "folds_digest"):
+            if getattr(m.card, key) != getattr(first, key):
+                raise CheckpointError(
+                    f"{m.head_dir} and {loaded[0].head_dir} differ in {key}: the members of one ensemble must be "
+                    "trained on the same data, validation split and folds"
+                )
+    geocells, fine = fine_cells([m.geocells for m in loaded])
+    if geocells is None:
+        geocells = loaded[0].geocells  # one cell per state, from the same fit rows for every member
+    return _Members(loaded, geocells, fine)
+
+
+def _combine(outputs: list[np.ndarray], members: _Members, weights: np.ndarray, temperatures: list[float]) -> np.ndarray:
+    """(N, K) the ensemble's cell log-probabilities (up to a row constant) from every member's logits."""
+    log_probs = [state_log_probs(z, m.geocells, t) for z, m, t in zip(outputs, members.loaded, temperatures)]
+    states = pool(log_probs, weights)
+    if not members.fine:
+        return states.numpy()
+    return joint_cell_logits(states, [outputs[i] for i in members.fine], [temperatures[i] for i in members.fine],
+                             members.geocells)
+
+
+def _descriptors(features: SplitFeatures, backbones: list[str]) -> np.ndarray:
+    """What the regressor reads: the view means of every backbone side by side (standardised in the module)."""
+    return view_means(views_of(features, backbones))
+
+
+@dataclass
+class _Positions:
+    """Everything decoding can use for some rows, and `decode` over a choice of candidates and share."""
+
+    joint: np.ndarray  # (N, K) cell log-probabilities
+    geocells: Geocells
+    points: object  # (cells, probabilities) -> (N, k, 2) regressed points, or None
+    neighbours: Neighbours | None
+    similarity_temperature: float
+
+    def decode(self, *, candidates: int, regressor: bool, share: float) -> Prediction:
+        return decode(self.joint, self.geocells, candidates=candidates, points=self.points if regressor else None,
+                      neighbours=self.neighbours, retrieval_weight=share, similarity_temperature=self.similarity_temperature)
+
+
+def _score(prediction: Prediction, class_id: np.ndarray, latlon: np.ndarray) -> dict[str, float]:
+    return score_predictions(class_id, latlon[:, 0], latlon[:, 1], prediction.top5, prediction.lat, prediction.lon)
+
+
+def _train_regressor(descriptors: np.ndarray, joint: np.ndarray, geocells: Geocells, train: SplitFeatures, folds: Folds,
+                     config: RegressorConfig, out_dir: Path, *, device: torch.device, seed: int, progress: bool,
+                     card: HeadCard) -> tuple[list[torch.nn.Module], object]:
+    """Cross-fit the regressor on the OOF ensemble outputs of the fit rows (`descriptors`, `joint` in
+    folds.fit_rows order); write its folder; return the fold models and an OOF points function."""
+    fit_latlon = train.latlon[folds.fit_rows]
+    z = torch.as_tensor(joint)
+    anchor_cell, anchor_p = geocells.anchor_cells(z)
+    train_anchor = Anchors(anchor_cell, anchor_p)
+    if config.anchor == "true":
+        true_cell = geocells.assign(train.class_id[folds.fit_rows], fit_latlon)
+        p = torch.softmax(z.float(), dim=1)[torch.arange(len(true_cell)), torch.from_numpy(true_cell)]
+        train_anchor = Anchors(true_cell, p.numpy().astype(np.float32))
+    local = folds.local()  # the arrays here hold only the fit rows
+    objective = RegressorObjective(descriptors, train_anchor, geocells.centroids, fit_latlon)
+    mean, std = row_statistics(descriptors, local.fit_rows)
+    models = []
+    for k in range(folds.k):
+        with seeded(seed * 1009 + 500 + k):
+            module = Sniper(config, descriptors.shape[1], len(geocells))
+            module.standardize.set_statistics(mean, std)
+            fit(module, objective, train_rows=local.train_rows(k), heldout_rows=local.heldout_rows(k), config=config.train,
+                seed=seed * 1009 + 500 + k, device=device, desc=f"regressor fold {k + 1}/{folds.k}", progress=progress)
+        models.append(module.cpu())
+    save_head(out_dir, models, card)
+
+    def oof_points(cells: np.ndarray, probability: np.ndarray) -> np.ndarray:
+        out = np.empty((*cells.shape, 2))
+        for k in range(folds.k):
+            at = folds.fold == k
+            out[at] = regressed_points([models[k]], descriptors[at], geocells.centroids, cells[at], probability[at],
+                                       batch_size=EVAL_BATCH, device=device)
+        return out
+
+    return models, oof_points
+
+
+def fit_ensemble(
+    train: SplitFeatures, *, member_dirs: list[Path], protocol: Protocol, out_dir: Path, config: EnsembleConfig,
+    regressor_config: RegressorConfig, device: str = "auto", seed: int = 0, progress: bool = True,
+) -> EnsembleResult:
+    """Fit temperatures and weights, the regressor and the decoding choices on out-of-fold outputs, and
+    write the ensemble folder (ensemble.json, regressor/, retrieval.npz), whole."""
+    started = time.perf_counter()
+    dev = resolve_device(device)
+    members = _load_members(member_dirs)
+    folds = protocol.folds
+    card0 = members.loaded[0].card
+    if card0.validation_digest != protocol.validation_digest:
+        raise CheckpointError(f"{members.loaded[0].head_dir} was validated on other rows than this run's validation split")
+    fit_class, fit_latlon = train.class_id[folds.fit_rows], train.latlon[folds.fit_rows]
+    oof = [member_oof(m, train, folds) for m in members.loaded]
+    if config.flip_tta != "none":
+        warn("flip TTA is not fitted on out-of-fold outputs yet, so it is left out")
+    flip_tta = "none"
+
+    temperatures = [fit_temperature(z, m.geocells, fit_class) if config.temperature else 1.0
+                    for z, m in zip(oof, members.loaded)]
+    if config.weights == "fixed":
+        if len(config.fixed_weights) != len(oof):
+            raise ConfigError(f"{len(config.fixed_weights)} fixed weights for {len(oof)} members")
+        weights = np.asarray(config.fixed_weights, dtype=np.float64) / sum(config.fixed_weights)
+    else:
+        weights = fit_weights([state_log_probs(z, m.geocells, t) for z, m, t in zip(oof, members.loaded, temperatures)],
+                              fit_class)
+    member_scores = {name: member_metrics(z, m.geocells, fit_class, fit_latlon)
+                     for name, z, m in zip(members.names, oof, members.loaded)}
+    joint = _combine(oof, members, weights, temperatures)
+    ensemble_metrics = member_metrics(joint, members.geocells, fit_class, fit_latlon)
+    # Never below the best member on the rows the choice is made on: fall back to it when it wins.
+    best = max(member_scores, key=lambda n: member_scores[n]["score"])
+    fallback = None
+    if config.weights == "fit" and member_scores[best]["score"] > ensemble_metrics["score"]:
+        fallback = best
+        weights = np.eye(len(oof))[members.names.index(best)]
+        joint = _combine(oof, members, weights, temperatures)
+        ensemble_metrics = member_metrics(joint, members.geocells, fit_class, fit_latlon)
+
+    out_dir = Path(out_dir)
+    with atomic_dir(out_dir) as tmp:
+        points = None
+        regressor_trained = config.regressor != "off"
+        backbones = members.backbones
+        if regressor_trained:
+            descriptors = _descriptors(train, backbones)[folds.fit_rows]
+            reg_card = dataclasses.replace(
+                card0, kind="regressor", name=REGRESSOR_DIR, backbones=backbones, config=config_to_dict(regressor_config),
+                centroids=members.geocells.centroids.tolist(), cell_class=members.geocells.cell_class.tolist(),
+                backbone_fingerprints={b: train.backbone_fingerprints.get(b, "") for b in backbones},
+                input_dim=descriptors.shape[1], metrics={})
+            (tmp / REGRESSOR_DIR).mkdir()
+            _, points = _train_regressor(descriptors, joint, members.geocells, train, folds, regressor_config,
+                                         tmp / REGRESSOR_DIR, device=dev, seed=seed, progress=progress, card=reg_card)
+        neighbours, space = None, None
+        if config.decode.retrieval_k:
+            space = fit_space(train, rows=folds.fit_rows, backbones=backbones, dim=config.decode.retrieval_dim, seed=seed)
+            descriptors_search = space.describe(train)[folds.fit_rows]
+            cells = members.geocells.assign(fit_class, fit_latlon)
+            neighbours = oof_neighbours(descriptors_search, fit_latlon, cells, folds, k=config.decode.retrieval_k)
+        positions = _Positions(joint, members.geocells, points, neighbours, config.decode.similarity_temperature)
+        choices = []
+        regressor_options = {"on": (True,), "off": (False,), "auto": (False, True)}[config.regressor]
+        shares = config.decode.retrieval_weights if neighbours is not None else (0.0,)
+        for candidates in config.decode.candidates:
+            for use_regressor in regressor_options:
+                for share in shares:
+                    metrics = _score(positions.decode(candidates=candidates, regressor=use_regressor, share=share),
+                                     fit_class, fit_latlon)
+                    choices.append({"candidates": candidates, "regressor": use_regressor, "retrieval_weight": share,
+                                    **{k: metrics[k] for k in ("score", "mean_km", "median_km", "gps_score")}})
+        # The best OOF score; ties go to the earliest (simplest) choice.
+        chosen = max(choices, key=lambda c: (c["score"], -choices.index(c)))
+        if not chosen["regressor"] and regressor_trained:
+            shutil.rmtree(tmp / REGRESSOR_DIR)
+        if space is not None and chosen["retrieval_weight"] > 0:
+            np.savez(tmp / SPACE_FILE, basis=space.basis if space.basis is not None else np.zeros((0, 0), np.float32),
+                     **{f"center:{b}": c for b, c in space.centers.items()})
+        ensemble_metrics = _score(positions.decode(candidates=chosen["candidates"], regressor=chosen["regressor"],
+                                                   share=chosen["retrieval_weight"]), fit_class, fit_latlon) | {
+            "nll": ensemble_metrics["nll"]}
+        record = {
+            "format": ENSEMBLE_FORMAT,
+            # Paths relative to this folder, so a run folder can be moved as a whole.
+            "members": [
+                {"name": m.card.name, "kind": m.card.kind, "backbones": m.card.backbones,
+                 "dir": os.path.relpath(m.head_dir, out_dir), "weights_sha256": weights_sha256(m.head_dir),
+                 "weight": float(w), "temperature": float(t), "oof": member_scores[m.card.name]}
+                for m, w, t in zip(members.loaded, weights, temperatures)
+            ],
+            "fallback_to": fallback,
+            "backbones": backbones,
+            "flip_tta": flip_tta,
+            "regressor": chosen["regressor"],
+            "decode": {"candidates": chosen["candidates"], "retrieval_weight": chosen["retrieval_weight"],
+                       "retrieval_k": config.decode.retrieval_k, "similarity_temperature": config.decode.similarity_temperature},
+            "config": config_to_dict(config),
+            "regressor_config": config_to_dict(regressor_config),
+            "validation_digest": protocol.validation_digest,
+            "folds_digest": folds.digest,
+            "folds": folds.k,
+            "oof": ensemble_metrics,
+            "choices": choices,
+            "protocol": "weights, temperatures, the regressor and the decoding were fitted on out-of-fold outputs of "
+                        "the fit rows; validation rows were touched by no choice",
+        }
+        atomic_write_text(tmp / ENSEMBLE_FILE, json.dumps(record, indent=1) + "\n")
+    oof_table = {**member_scores, "ensemble": ensemble_metrics}
+    return EnsembleResult(out_dir, members.names, [float(w) for w in weights], temperatures, oof_table, chosen["regressor"],
+                          record["decode"], choices, time.perf_counter() - started)
+
+
+# ------------------------------------------------------------------------------------------ predict
+
+
+def read_ensemble(ensemble_dir: Path) -> dict:
+    path = Path(ensemble_dir) / ENSEMBLE_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{ensemble_dir}: no {ENSEMBLE_FILE}; fit the ensemble first (`geoscout ensemble`)")
+    record = json.loads(path.read_text(encoding="utf-8"))
+    if record.get("format") != ENSEMBLE_FORMAT:
+        raise CheckpointError(f"{path}: format {record.get('format')!r}; this geoscout reads {ENSEMBLE_FORMAT!r}: fit it again")
+    return record
+
+
+def needs_gallery(ensemble_dir: Path) -> bool:
+    """Whether predicting with this ensemble needs the training split as its retrieval gallery."""
+    return read_ensemble(ensemble_dir)["decode"]["retrieval_weight"] > 0
+
+
+def _load_space(ensemble_dir: Path, backbones: list[str]) -> SearchSpace:
+    with np.load(Path(ensemble_dir) / SPACE_FILE) as z:
+        basis = z["basis"]
+        return SearchSpace(backbones, {b: z[f"center:{b}"] for b in backbones}, basis if basis.size else None)
+
+
+@dataclass
+class EnsembleOutputs:
+    """What predict computed for some rows: enough to decode again or to explain the answer."""
+
+    prediction: Prediction
+    joint: np.ndarray  # (N, K) cell log-probabilities
+    geocells: Geocells
+    member_outputs: dict[str, np.ndarray]  # member name -> (N, K_m) logits
+
+
+def ensemble_outputs(features: SplitFeatures, ensemble_dir: Path, *, device: str = "auto",
+                     gallery: SplitFeatures | None = None, fit_rows: np.ndarray | None = None) -> EnsembleOutputs:
+    """The ensemble's answer for every row of `features`. Retrieval needs `gallery` (the labelled training
+    split) and `fit_rows` (its rows the ensemble was fitted on: the gallery), see `needs_gallery`."""
+    dev = resolve_device(device)
+    ensemble_dir = Path(ensemble_dir)
+    record = read_ensemble(ensemble_dir)
+    member_dirs = [ensemble_dir / m["dir"] for m in record["members"]]
+    members = _load_members(member_dirs)
+    for entry, member in zip(record["members"], members.loaded):
+        if weights_sha256(member.head_dir) != entry["weights_sha256"]:
+            raise CheckpointError(f"{member.head_dir} changed since the ensemble in {ensemble_dir} was fitted: fit it again")
+    outputs = [member_logits(m, features, device=dev, flip_tta=record["flip_tta"]) for m in members.loaded]
+    weights = np.array([m["weight"] for m in record["members"]])
+    temperatures = [m["temperature"] for m in record["members"]]
+    joint = _combine(outputs, members, weights, temperatures)
+    points = None
+    if record["regressor"]:
+        reg_dir = ensemble_dir / REGRESSOR_DIR
+        card = read_card(reg_dir)
+        config = config_from_dict(RegressorConfig, card.config)
+        models = [load_weights(Sniper(config, card.input_dim, len(card.centroids)), reg_dir, k) for k in range(card.folds)]
+        descriptors = _descriptors(features, card.backbones)
+
+        def points(cells: np.ndarray, probability: np.ndarray) -> np.ndarray:
+            return regressed_points([m.to(dev) for m in models], descriptors, members.geocells.centroids, cells, probability,
+                                    batch_size=EVAL_BATCH, device=dev)
+    neighbours = None
+    decode_record = record["decode"]
+    if decode_record["retrieval_weight"] > 0:
+        if gallery is None or fit_rows is None:
+            raise ConfigError(f"the ensemble in {ensemble_dir} refines positions by retrieval: pass the training split as gallery")
+        if gallery.dataset_fingerprint != members.loaded[0].card.dataset_fingerprint:
+            raise CheckpointError(f"the gallery is dataset {gallery.dataset_fingerprint!r}; the ensemble was fitted on "
+                                  f"{members.loaded[0].card.dataset_fingerprint!r}")
+        space = _load_space(ensemble_dir, record["backbones"])
+        cells = members.geocells.assign(gallery.class_id, gallery.latlon)
+        built = build_gallery(space.describe(gallery), gallery.latlon, cells, fit_rows)
+        neighbours = search(built, space.describe(features), k=decode_record["retrieval_k"])
+    positions = _Positions(joint, members.geocells, points, neighbours, decode_record["similarity_temperature"])
+    prediction = positions.decode(candidates=decode_record["candidates"], regressor=record["regressor"],
+                                  share=decode_record["retrieval_weight"])
+    return EnsembleOutputs(prediction, joint, members.geocells, dict(zip(members.names, outputs)))
+
+
+def predict(features: SplitFeatures, ensemble_dir: Path, *, device: str = "auto", gallery: SplitFeatures | None = None,
+            fit_rows: np.ndarray | None = None) -> Prediction:
+    """(top-5 class ids, lat, lon) per row. Class ids index `features.classes` (map them to state_idx for a submission)."""
+    return ensemble_outputs(features, ensemble_dir, device=device, gallery=gallery, fit_rows=fit_rows).prediction
+
+
+# ------------------------------------------------------------------------------------------ evaluate
 
 
 @dataclass
@@ -98,394 +420,32 @@ class EvaluationResult:
         return "\n".join(lines)
 
 
-@dataclass
-class _ClassifierRun:
-    """One classifier's outputs on some features."""
-
-    card: HeadCard
-    sha256: str
-    logits: np.ndarray  # (N, K) cell logits; with flip TTA, the mean of the plain and the mirrored ones
-    descriptors: np.ndarray  # of the plain views
-
-
-def _require_labelled(features: SplitFeatures) -> None:
-    if not features.labelled:
-        raise ValueError(f"split {features.split!r} has no labels; training and validation need the training split")
-
-
-def _split_rows(val_mask: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
-    val_mask = np.asarray(val_mask)
-    if val_mask.dtype != bool or val_mask.shape != (n,):
-        raise ValueError(f"val_mask must be a bool array of shape ({n},); got {val_mask.dtype} {val_mask.shape}")
-    train_rows, val_rows = np.flatnonzero(~val_mask), np.flatnonzero(val_mask)
-    if len(train_rows) == 0 or len(val_rows) == 0:
-        raise ValueError(f"the split leaves {len(train_rows)} training and {len(val_rows)} validation rows; both need some")
-    return train_rows, val_rows
-
-
-def _backbone_arrays(features: SplitFeatures, backbone: str) -> tuple[np.ndarray, np.ndarray]:
-    if backbone not in features.features:
-        raise ValueError(f"no features for backbone {backbone!r}; available: {sorted(features.features)}")
-    return features.features[backbone], features.masks[backbone]
-
-
-def _check_validation(card_digest: str, digest: str, head_dir: Path) -> None:
-    if card_digest != digest:
-        raise CheckpointError(
-            f"{head_dir} was validated on other rows (split {card_digest}) than these (split {digest}): "
-            "train every head with the same validation split"
-        )
-
-
-def _run_classifier(
-    head_dir: Path, features: SplitFeatures, device: torch.device, *, backbone: str | None = None, flip_tta: str = "none",
-) -> _ClassifierRun:
-    module, card = load_classifier(head_dir)
-    if backbone is not None and card.backbone != backbone:
-        raise CheckpointError(f"{head_dir} is a classifier for backbone {card.backbone!r}, given as {backbone!r}")
-    check_features(card, features, head_dir)
-    feats, masks = _backbone_arrays(features, card.backbone)
-    module = module.to(device)
-    logits, descriptors = classifier_outputs(module, feats, masks, batch_size=EVAL_BATCH, device=device)
-    if flip_tta != "none":
-        if card.backbone not in features.flipped:
-            raise ValueError(f"flip TTA needs the mirrored views of {card.backbone!r}: extract the store with --flip")
-        mirrored, mirrored_masks = mirrored_views(features.flipped[card.backbone], masks, flip_tta)
-        logits = (logits + classifier_outputs(module, mirrored, mirrored_masks, batch_size=EVAL_BATCH, device=device)[0]) / 2
-    return _ClassifierRun(card, weights_sha256(head_dir), logits, descriptors)
-
-
-def _decode(
-    logits: np.ndarray, geocells: Geocells, device: torch.device, config: DecodeConfig | None = None, *,
-    regressor: Sniper | None = None, descriptors: np.ndarray | None = None, neighbours: Neighbours | None = None,
-    retrieval_weight: float = 0.0,
-) -> Prediction:
-    """decode.decode with each candidate cell's position from the regressor (fed that cell and its
-    probability) when there is one, else its centroid. Default config: the top-1 point."""
-
-    def points(cells: np.ndarray, confidence: np.ndarray) -> np.ndarray:
-        return regressed_points(regressor.to(device), descriptors, geocells.centroids, cells, confidence,
-                                batch_size=EVAL_BATCH, device=device)
-
-    return decode(logits, geocells, config or DecodeConfig(), points=None if regressor is None else points,
-                  neighbours=neighbours, retrieval_weight=retrieval_weight)
-
-
-def _shared_geocells(runs: dict[str, _ClassifierRun]) -> Geocells:
-    """The members of an ensemble must classify the same cells, or their logits cannot be added."""
-    cells = {b: run.card.geocells() for b, run in runs.items()}
-    first, *rest = cells
-    for b in rest:
-        if cells[b] != cells[first]:
-            raise CheckpointError(
-                f"the classifiers of {first!r} ({len(cells[first])} geocells) and {b!r} ({len(cells[b])}) predict "
-                "different geocells: train both with the same geocells settings"
-            )
-    return cells[first]
-
-
-def _available_tta(mode: str, features: SplitFeatures, backbones: list[str]) -> str:
-    check_tta(mode)
-    missing = [b for b in backbones if b not in features.flipped]
-    if mode != "none" and missing:
-        warn(f"flip TTA {mode!r} is left out: the store has no mirrored views of {missing} (extract with --flip)")
-        return "none"
-    return mode
-
-
-def _regressor_for(regressor_dir: Path, runs: dict[str, _ClassifierRun], digest: str | None) -> tuple[Sniper, str]:
-    """The regressor and the backbone of the classifier (among `runs`) whose outputs it reads.
-    `digest`: the validation rows it must have been validated on (None when predicting)."""
-    module, card = load_regressor(regressor_dir)
-    if digest is not None:
-        _check_validation(card.validation_digest, digest, regressor_dir)
-    for backbone, run in runs.items():
-        if run.sha256 == card.classifier_sha256:
-            return module, backbone
-    raise CheckpointError(f"{regressor_dir} reads a classifier that is not among the given ones ({sorted(runs)})")
-
-
-def train_classifier(
-    train: SplitFeatures, *, backbone: str, val_mask: np.ndarray, out_dir: Path, preset: str = "default",
-    config: ClassifierConfig | None = None, device: str = "cpu", seed: int = 0, progress: bool = True,
-) -> ClassifierResult:
-    """Train a Scout on one backbone's features; keep the epoch with the best validation competition score."""
-    _require_labelled(train)
-    config = config or classifier_preset(preset, backbone=backbone)
-    feats, masks = _backbone_arrays(train, backbone)
-    train_rows, val_rows = _split_rows(val_mask, len(train))
-    geocells = make_geocells(train.class_id[train_rows], train.latlon[train_rows], len(train.classes),
-                             cells=config.geocells, min_rows=config.min_cell_rows)
-    dev = resolve_device(device)
-    objective = ClassifierObjective(
-        feats, masks, geocells.assign(train.class_id, train.latlon), train.latlon, geocells,
-        label_smoothing=config.label_smoothing, haversine_tau_km=config.haversine_tau_km,
-        haversine_within_state=config.haversine_within_state,
-    )
-    with seeded(seed):
-        module = Scout(config, feats.shape[2], len(geocells))
-        result = fit(
-            module, objective, train_rows=train_rows, val_rows=val_rows,
-            val_truth=Truth(train.class_id[val_rows], train.latlon[val_rows]), config=config.train, seed=seed,
-            device=dev, desc=f"classifier {backbone}", progress=progress,
-        )
-    card = HeadCard(
-        kind="classifier", backbone=backbone, config=config_to_dict(config), classes=train.classes.tolist(),
-        centroids=geocells.centroids.tolist(), cell_class=geocells.cell_class.tolist(),
-        dataset_fingerprint=train.dataset_fingerprint,
-        backbone_fingerprint=train.backbone_fingerprints.get(backbone, ""), feature_dim=feats.shape[2],
-        input_dim=feats.shape[2], validation_digest=validation_digest(train.sample_id[val_rows]),
-        metrics={"validation": result.best_metrics, "best_epoch": result.best_epoch, "epochs_run": result.epochs_run,
-                 "seconds": result.seconds, "seed": seed, "history": result.history},
-    )
-    save_head(out_dir, module, card)
-    return ClassifierResult(Path(out_dir), backbone, result.best_metrics, result.best_epoch, result.epochs_run, result.seconds)
-
-
-def train_regressor(
-    train: SplitFeatures, *, classifier_dir: Path, val_mask: np.ndarray, out_dir: Path, preset: str = "default",
-    config: RegressorConfig | None = None, device: str = "cpu", seed: int = 0, progress: bool = True,
-) -> RegressorResult:
-    """Train a Sniper on a frozen classifier's outputs: the offset from a cell's centroid (the classifier's
-    anchor cell, or with anchor "true" the location's own cell while training)."""
-    _require_labelled(train)
-    config = config or regressor_preset(preset)
-    train_rows, val_rows = _split_rows(val_mask, len(train))
-    dev = resolve_device(device)
-    run = _run_classifier(Path(classifier_dir), train, dev)
-    _check_validation(run.card.validation_digest, validation_digest(train.sample_id[val_rows]), Path(classifier_dir))
-    geocells = run.card.geocells()
-    logits = torch.from_numpy(run.logits)
-    anchors = Anchors(*geocells.anchor_cells(logits))
-    train_anchors = anchors
-    if config.anchor == "true":
-        true_cell = geocells.assign(train.class_id, train.latlon)
-        probability = torch.softmax(logits.float(), dim=1)[torch.arange(len(true_cell)), torch.from_numpy(true_cell)]
-        train_anchors = Anchors(true_cell, probability.numpy())
-    top5 = top5_from_logits(geocells.class_logits(logits))
-    truth = Truth(train.class_id[val_rows], train.latlon[val_rows])
-    centroid_metrics = score(Prediction(top5[val_rows], *geocells.centroids[anchors.cell[val_rows]].T), truth)
-    objective = RegressorObjective(run.descriptors, anchors, top5, geocells.centroids, train.latlon, train_anchors=train_anchors)
-    with seeded(seed):
-        module = Sniper(config, run.descriptors.shape[1], len(geocells))
-        result = fit(
-            module, objective, train_rows=train_rows, val_rows=val_rows, val_truth=truth, config=config.train,
-            seed=seed, device=dev, desc=f"regressor {run.card.backbone}", progress=progress,
-        )
-    gain = 1.0 - result.best_metrics["mean_km"] / centroid_metrics["mean_km"]
-    if gain <= 0:
-        warn(f"the regressor did not beat the predicted class's centroid on validation "
-             f"({result.best_metrics['mean_km']:.1f} km vs {centroid_metrics['mean_km']:.1f} km)")
-    card = dataclasses.replace(
-        run.card, kind="regressor", config=config_to_dict(config), input_dim=run.descriptors.shape[1],
-        classifier_sha256=run.sha256,
-        metrics={"validation": result.best_metrics, "centroid_validation": centroid_metrics, "relative_gain": gain,
-                 "best_epoch": result.best_epoch, "epochs_run": result.epochs_run, "seconds": result.seconds,
-                 "seed": seed, "history": result.history},
-    )
-    save_head(out_dir, module, card)
-    return RegressorResult(
-        Path(out_dir), result.best_metrics, centroid_metrics, centroid_metrics["mean_km"],
-        result.best_metrics["mean_km"], gain, result.best_epoch, result.epochs_run, result.seconds,
-    )
-
-
-def fit_ensemble(
-    train: SplitFeatures, *, classifier_dirs: dict[str, Path], val_mask: np.ndarray, out_dir: Path,
-    regressor_dir: Path | None = None, preset: str = "default", config: EnsembleConfig | None = None,
-    device: str = "cpu",
-) -> EnsembleResult:
-    """Choose alpha (and per-model temperatures), then the retrieval weight, on validation; write
-    ensemble.json with the curves.
-
-    Decoding follows `config.decode` (decode.py): candidate cells with the regressor's offsets (fed
-    each cell and its probability) or their centroids, retrieved neighbours from the training rows
-    outside validation, and their geometric median. Flip TTA averages each member's logits over the
-    plain and the mirrored views where the store has them.
-    """
-    _require_labelled(train)
-    config = config or ensemble_preset(preset)
-    train_rows, val_rows = _split_rows(val_mask, len(train))
-    val = train.subset(val_rows)
-    digest = validation_digest(val.sample_id)
-    dev = resolve_device(device)
-    order = member_order(list(classifier_dirs), config.first_member)
-    flip_tta = _available_tta(config.flip_tta, val, order)
-    runs = {b: _run_classifier(Path(classifier_dirs[b]), val, dev, backbone=b, flip_tta=flip_tta) for b in order}
-    for b in order:
-        _check_validation(runs[b].card.validation_digest, digest, Path(classifier_dirs[b]))
-    geocells = _shared_geocells(runs)
-    temperatures = {b: fit_temperature(runs[b].logits, val.class_id, geocells) if config.temperature else 1.0 for b in order}
-    regressor, regressor_backbone = (None, None) if regressor_dir is None else _regressor_for(Path(regressor_dir), runs, digest)
-    descriptors = None if regressor_backbone is None else runs[regressor_backbone].descriptors
-    neighbours = None
-    if config.decode.retrieval_k:
-        gallery = build_gallery(train, rows=train_rows, backbones=order, geocells=geocells)
-        neighbours = search(gallery, val, k=config.decode.retrieval_k)
-    truth = Truth(val.class_id, val.latlon)
-
-    def score_logits(logits: np.ndarray, with_regressor: bool = True, retrieval_weight: float = 0.0) -> dict[str, float]:
-        use = regressor if with_regressor else None
-        return score(_decode(logits, geocells, dev, config.decode, regressor=use, descriptors=descriptors,
-                             neighbours=neighbours, retrieval_weight=retrieval_weight), truth)
-
-    # Alpha (and whether to keep the regressor) is chosen without retrieval, which is tuned after it.
-    temps = (temperatures[order[0]], temperatures[order[1]])
-    curve = alpha_curve(runs[order[0]].logits, runs[order[1]].logits, temperatures=temps, steps=config.alpha_steps, score=score_logits)
-    if regressor is not None and config.alpha is None:
-        # The regressor reads one member's descriptors; when the mix leans on the other member its
-        # offsets can hurt. Keep it only if it wins on validation, so the ensemble never scores
-        # below its best member at that member's own centroids.
-        plain = alpha_curve(runs[order[0]].logits, runs[order[1]].logits, temperatures=temps,
-                            steps=config.alpha_steps, score=lambda x: score_logits(x, with_regressor=False))
-        if max(r["score"] for r in plain) > max(r["score"] for r in curve):
-            curve, regressor, regressor_dir, descriptors = plain, None, None, None
-    alpha = best_alpha(curve) if config.alpha is None else config.alpha
-    logits = combine_logits(runs[order[0]].logits, runs[order[1]].logits, alpha=alpha, temperatures=temps)
-    retrieval_curve: list[dict[str, float]] = []
-    if neighbours is not None:
-        weights = RETRIEVAL_WEIGHTS if config.decode.retrieval_weight is None else (config.decode.retrieval_weight,)
-        retrieval_curve = [{"retrieval_weight": w, **score_logits(logits, retrieval_weight=w)} for w in weights]
-    # Ties go to the smaller weight: retrieval that does not win costs a search at prediction time for nothing.
-    retrieval_weight = max(retrieval_curve, key=lambda r: (r["score"], -r["retrieval_weight"]))["retrieval_weight"] if retrieval_curve else 0.0
-    metrics = score_logits(logits, retrieval_weight=retrieval_weight)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    regressor_entry = None
-    if regressor_dir is not None:
-        regressor_entry = {"dir": os.path.relpath(regressor_dir, out_dir), "weights_sha256": weights_sha256(Path(regressor_dir))}
-    record = {
-        "format": ENSEMBLE_FORMAT,
-        # Paths relative to this folder, so a run folder can be moved as a whole.
-        "members": [
-            {"backbone": b, "dir": os.path.relpath(classifier_dirs[b], out_dir), "weights_sha256": runs[b].sha256,
-             "temperature": temperatures[b]}
-            for b in order
-        ],
-        "alpha": alpha,
-        "regressor": regressor_entry,
-        "flip_tta": flip_tta,
-        "retrieval_weight": retrieval_weight,
-        "config": config_to_dict(config),
-        "validation_digest": digest,
-        "metrics": metrics,
-        "alpha_curve": curve,
-        "retrieval_curve": retrieval_curve,
-    }
-    (out_dir / ENSEMBLE_FILE).write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
-    return EnsembleResult(out_dir, order, alpha, temperatures, metrics, curve, flip_tta, retrieval_weight, retrieval_curve)
-
-
-def _read_ensemble(ensemble_dir: Path) -> dict:
-    path = Path(ensemble_dir) / ENSEMBLE_FILE
-    if not path.is_file():
-        raise CheckpointError(f"{ensemble_dir}: no {ENSEMBLE_FILE}; run fit_ensemble first")
-    record = json.loads(path.read_text(encoding="utf-8"))
-    if record.get("format") != ENSEMBLE_FORMAT:
-        raise CheckpointError(f"{path}: format {record.get('format')!r}; expected {ENSEMBLE_FORMAT!r}: fit the ensemble again")
-    return record
-
-
-def needs_gallery(ensemble_dir: Path | None) -> bool:
-    """Whether `predict` from this ensemble (or from no ensemble: None) needs the training split as its gallery."""
-    return ensemble_dir is not None and _read_ensemble(Path(ensemble_dir))["retrieval_weight"] > 0
-
-
-def _predict_ensemble(features: SplitFeatures, ensemble_dir: Path, device: torch.device, gallery: SplitFeatures | None) -> Prediction:
-    record = _read_ensemble(ensemble_dir)
-    config = config_from_dict(EnsembleConfig, record["config"])
-    runs, temps = {}, []
-    for member in record["members"]:
-        head_dir = Path(ensemble_dir) / member["dir"]
-        runs[member["backbone"]] = _run_classifier(head_dir, features, device, backbone=member["backbone"], flip_tta=record["flip_tta"])
-        if runs[member["backbone"]].sha256 != member["weights_sha256"]:
-            raise CheckpointError(f"{head_dir} changed since the ensemble in {ensemble_dir} was fitted: fit it again")
-        temps.append(member["temperature"])
-    geocells = _shared_geocells(runs)
-    regressor, descriptors = None, None
-    if record["regressor"] is not None:
-        regressor_dir = Path(ensemble_dir) / record["regressor"]["dir"]
-        if weights_sha256(regressor_dir) != record["regressor"]["weights_sha256"]:
-            raise CheckpointError(f"{regressor_dir} changed since the ensemble in {ensemble_dir} was fitted: fit it again")
-        regressor, backbone = _regressor_for(regressor_dir, runs, None)
-        descriptors = runs[backbone].descriptors
-    a, b = (runs[m["backbone"]] for m in record["members"])
-    neighbours = None
-    if record["retrieval_weight"] > 0:
-        if gallery is None:
-            raise ValueError(f"the ensemble in {ensemble_dir} refines positions by retrieval: pass the training split as gallery")
-        if gallery.dataset_fingerprint != a.card.dataset_fingerprint:
-            raise CheckpointError(f"the gallery is dataset {gallery.dataset_fingerprint!r}; the ensemble was fitted on "
-                                  f"{a.card.dataset_fingerprint!r}")
-        built = build_gallery(gallery, rows=np.arange(len(gallery)), backbones=list(runs), geocells=geocells)
-        neighbours = search(built, features, k=config.decode.retrieval_k)
-    logits = combine_logits(a.logits, b.logits, alpha=record["alpha"], temperatures=(temps[0], temps[1]))
-    return _decode(logits, geocells, device, config.decode, regressor=regressor, descriptors=descriptors,
-                   neighbours=neighbours, retrieval_weight=record["retrieval_weight"])
-
-
-def predict(
-    features: SplitFeatures, *, ensemble_dir: Path | None = None, classifier_dir: Path | None = None,
-    regressor_dir: Path | None = None, device: str = "cpu", gallery: SplitFeatures | None = None,
-) -> Prediction:
-    """(top-5 class ids, lat, lon) per row, from an ensemble folder or from one classifier (+ its regressor).
-
-    Class ids index `features.classes` (map them to state_idx for a submission). An ensemble that
-    refines positions by retrieval needs `gallery`: the labelled training split (see `needs_gallery`),
-    never containing the rows predicted.
-    """
-    dev = resolve_device(device)
-    if ensemble_dir is not None:
-        if classifier_dir is not None or regressor_dir is not None:
-            raise ValueError("give either ensemble_dir, or classifier_dir with an optional regressor_dir; not both")
-        return _predict_ensemble(features, Path(ensemble_dir), dev, gallery)
-    if classifier_dir is None:
-        raise ValueError("predict needs ensemble_dir or classifier_dir")
-    run = _run_classifier(Path(classifier_dir), features, dev)
-    regressor = None
-    if regressor_dir is not None:
-        regressor, _ = _regressor_for(Path(regressor_dir), {run.card.backbone: run}, None)
-    return _decode(run.logits, run.card.geocells(), dev, regressor=regressor, descriptors=run.descriptors)
-
-
-def _baseline(train: SplitFeatures, train_rows: np.ndarray, n: int) -> Prediction:
-    """The trivial answer: the training set's most frequent classes, at the most frequent class's centroid."""
-    counts = np.bincount(train.class_id[train_rows], minlength=len(train.classes))
+def baseline_prediction(train: SplitFeatures, rows: np.ndarray, n: int) -> Prediction:
+    """The trivial answer: the most frequent classes of `rows`, at the most frequent class's centroid."""
+    counts = np.bincount(train.class_id[rows], minlength=len(train.classes))
     order = np.argsort(-counts, kind="stable")[:5]
     top5 = np.full((n, 5), NO_PREDICTION, dtype=np.int64)
-    top5[:, : len(order)] = order
-    rows = train_rows[train.class_id[train_rows] == order[0]]
-    lat, lon = spherical_mean(train.latlon[rows, 0], train.latlon[rows, 1])
+    top5[:, :len(order)] = order
+    top = rows[train.class_id[rows] == order[0]]
+    lat, lon = spherical_mean(train.latlon[top, 0], train.latlon[top, 1])
     return Prediction(top5, np.full(n, lat), np.full(n, lon))
 
 
-def evaluate(
-    train: SplitFeatures, *, val_mask: np.ndarray, classifier_dirs: dict[str, Path], regressor_dir: Path | None = None,
-    ensemble_dir: Path | None = None, device: str = "cpu", print_table: bool = True,
-) -> EvaluationResult:
-    """Every METRIC_KEYS value on the validation rows: the trivial baseline, each classifier (centroid
-    coordinates), the regressor on its classifier, and the ensemble."""
-    _require_labelled(train)
-    train_rows, val_rows = _split_rows(val_mask, len(train))
-    val = train.subset(val_rows)
-    digest = validation_digest(val.sample_id)
-    dev = resolve_device(device)
-    truth = Truth(val.class_id, val.latlon)
-    metrics = {"baseline": score(_baseline(train, train_rows, len(val_rows)), truth)}
-    runs = {b: _run_classifier(Path(d), val, dev, backbone=b) for b, d in classifier_dirs.items()}
-    for backbone, run in runs.items():
-        _check_validation(run.card.validation_digest, digest, Path(classifier_dirs[backbone]))
-        metrics[backbone] = score(_decode(run.logits, run.card.geocells(), dev), truth)
-    if regressor_dir is not None:
-        regressor, backbone = _regressor_for(Path(regressor_dir), runs, digest)
-        run = runs[backbone]
-        prediction = _decode(run.logits, run.card.geocells(), dev, regressor=regressor, descriptors=run.descriptors)
-        metrics[f"{backbone}+regressor"] = score(prediction, truth)
-    if ensemble_dir is not None:
-        _check_validation(_read_ensemble(Path(ensemble_dir))["validation_digest"], digest, Path(ensemble_dir))
-        gallery = train.subset(train_rows) if needs_gallery(ensemble_dir) else None
-        metrics["ensemble"] = score(predict(val, ensemble_dir=ensemble_dir, device=device, gallery=gallery), truth)
-    result = EvaluationResult(metrics)
-    if print_table:
-        print(result.table())
-    return result
+def evaluate(train: SplitFeatures, protocol: Protocol, *, ensemble_dir: Path, device: str = "auto",
+             truth: tuple[SplitFeatures, np.ndarray, np.ndarray] | None = None) -> EvaluationResult:
+    """Every METRIC_KEYS value of the baseline, each member alone (its anchor cell's centroid) and the
+    ensemble, on the validation rows; or, with `truth` = (features, class_id, latlon), on those rows."""
+    val = train.subset(protocol.val_rows) if truth is None else truth[0]
+    class_id, latlon = (val.class_id, val.latlon) if truth is None else (truth[1], truth[2])
+    record = read_ensemble(ensemble_dir)
+    if record["validation_digest"] != protocol.validation_digest:
+        raise CheckpointError(f"{ensemble_dir} was fitted with another validation split than this run's")
+    fit_rows = protocol.folds.fit_rows
+    outputs = ensemble_outputs(val, ensemble_dir, device=device, gallery=train, fit_rows=fit_rows)
+    metrics = {"baseline": _score(baseline_prediction(train, fit_rows, len(val)), class_id, latlon)}
+    members = _load_members([Path(ensemble_dir) / m["dir"] for m in record["members"]])
+    for member in members.loaded:
+        metrics[member.card.name] = {k: v for k, v in member_metrics(
+            outputs.member_outputs[member.card.name], member.geocells, class_id, latlon).items() if k in METRIC_KEYS}
+    metrics["ensemble"] = _score(outputs.prediction, class_id, latlon)
+    return EvaluationResult(metrics)

@@ -1,6 +1,12 @@
-"""A head on disk: weights.safetensors + head.json (config, classes, centroids, fingerprints, metrics).
+"""A head folder: K fold models as safetensors, their out-of-fold outputs, and a JSON card.
 
-A head is rebuilt from its folder alone, and refuses features from another dataset or backbone.
+  head.json           the card: kind, backbones, config, classes, geocells, the fingerprints of the
+                      features it was trained on, the validation and fold digests, metrics
+  fold{k}.safetensors the weights of the model trained without fold k
+  oof.safetensors     "outputs": what each fit row got from the model that never saw it; "sample_id"
+
+A head is rebuilt from its folder alone (config + weights), and refuses features of other data or
+another backbone. Folders are written whole: to `NAME.tmp`, renamed into place last (atomic.py).
 """
 
 from __future__ import annotations
@@ -12,77 +18,94 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..atomic import atomic_write_text
 from ..errors import GeoscoutError
 from ..store.features import SplitFeatures
 from .geocells import Geocells
-from .models import ClassifierConfig, RegressorConfig, Scout, Sniper
-from .presets import config_from_dict
 
-WEIGHTS_FILE = "weights.safetensors"
 CARD_FILE = "head.json"
-CARD_FORMAT = "geoscout-head/1"
+OOF_FILE = "oof.safetensors"
+CARD_FORMAT = "geoscout-head/2"  # 2: K fold models and out-of-fold outputs
+KINDS = ("classifier", "probe", "regressor")
 
 
 class CheckpointError(GeoscoutError, ValueError):
     """A head folder that cannot be used: unreadable, inconsistent, or made for other features."""
 
 
+def fold_file(k: int) -> str:
+    return f"fold{k}.safetensors"
+
+
 @dataclass
 class HeadCard:
-    kind: str  # "classifier" | "regressor"
-    backbone: str
+    kind: str  # one of KINDS
+    name: str  # the folder name, e.g. "classifier-streetclip" or "probe-streetclip+convnextv2-large"
+    backbones: list[str]  # whose features it reads, in order (side by side)
     config: dict
     classes: list[int]  # state_idx of each class id
-    centroids: list[list[float]]  # (K, 2) degrees: each geocell's centroid, from the training rows
+    centroids: list[list[float]]  # (K, 2) degrees: each output cell's centroid, from the fit rows
+    cell_class: list[int]  # (K,) the class of each cell; one cell per class for a probe
     dataset_fingerprint: str
-    backbone_fingerprint: str
-    feature_dim: int  # the backbone's embedding size
-    input_dim: int  # what the module reads: feature_dim for a Scout, the Scout's descriptor size for a Sniper
-    validation_digest: str  # which rows were held out (see split.validation_digest)
+    backbone_fingerprints: dict[str, str]
+    input_dim: int  # what the module reads: sum of the backbones' widths
+    validation_digest: str  # which rows were held out from everything (store/split.py)
+    folds_digest: str  # which fit rows, in which folds (folds.py)
+    folds: int
     metrics: dict = field(default_factory=dict)
-    classifier_sha256: str = ""  # a Sniper: the weights of the Scout whose outputs it reads
-    # The class id of each geocell; empty: one cell per class, in class order (heads from before geocells).
-    cell_class: list[int] = field(default_factory=list)
     format: str = CARD_FORMAT
 
     def geocells(self) -> Geocells:
-        cell_class = self.cell_class or list(range(len(self.classes)))
-        return Geocells(np.asarray(cell_class, dtype=np.int64), np.asarray(self.centroids, dtype=np.float64), len(self.classes))
+        return Geocells(np.asarray(self.cell_class, dtype=np.int64), np.asarray(self.centroids, dtype=np.float64),
+                        len(self.classes))
 
 
 def weights_sha256(head_dir: Path) -> str:
-    return hashlib.sha256((Path(head_dir) / WEIGHTS_FILE).read_bytes()).hexdigest()
+    """One digest over every fold's weights: an ensemble notices when a member was retrained."""
+    h = hashlib.sha256()
+    card = read_card(head_dir)
+    for k in range(card.folds):
+        h.update((Path(head_dir) / fold_file(k)).read_bytes())
+    return h.hexdigest()
 
 
-def save_head(head_dir: Path, module: nn.Module, card: HeadCard) -> None:
+def save_head(head_dir: Path, modules: list[nn.Module], card: HeadCard, oof: np.ndarray | None = None,
+              oof_sample_id: np.ndarray | None = None) -> None:
+    """Write into an existing (fresh) folder; callers make it whole with atomic.atomic_dir."""
     head_dir = Path(head_dir)
-    head_dir.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
-    save_file(state, str(head_dir / WEIGHTS_FILE), metadata={"format": CARD_FORMAT, "kind": card.kind})
-    (head_dir / CARD_FILE).write_text(json.dumps(dataclasses.asdict(card), indent=1) + "\n", encoding="utf-8")
+    if len(modules) != card.folds:
+        raise ValueError(f"{len(modules)} fold models for a card of {card.folds} folds")
+    for k, module in enumerate(modules):
+        state = {name: t.detach().cpu().contiguous() for name, t in module.state_dict().items()}
+        save_file(state, str(head_dir / fold_file(k)), metadata={"format": CARD_FORMAT, "kind": card.kind, "fold": str(k)})
+    if oof is not None:
+        save_file({"outputs": torch.from_numpy(np.ascontiguousarray(oof, dtype=np.float32)),
+                   "sample_id": torch.from_numpy(np.asarray(oof_sample_id, dtype=np.int64))}, str(head_dir / OOF_FILE))
+    atomic_write_text(head_dir / CARD_FILE, json.dumps(dataclasses.asdict(card), indent=1) + "\n")
 
 
 def read_card(head_dir: Path) -> HeadCard:
     path = Path(head_dir) / CARD_FILE
     if not path.is_file():
-        raise CheckpointError(f"{head_dir}: no {CARD_FILE}; is this a head folder written by geoscout?")
+        raise CheckpointError(f"{head_dir}: no {CARD_FILE}; is this a head folder written by geoscout? (train it first)")
     data = json.loads(path.read_text(encoding="utf-8"))
     if data.get("format") != CARD_FORMAT:
-        raise CheckpointError(f"{path}: format {data.get('format')!r}; expected {CARD_FORMAT!r}")
+        raise CheckpointError(f"{path}: format {data.get('format')!r}; this geoscout reads {CARD_FORMAT!r}: retrain the head")
     try:
         return HeadCard(**data)
     except TypeError as exc:
         raise CheckpointError(f"{path}: not a valid head card ({exc})") from None
 
 
-def _load_weights(module: nn.Module, head_dir: Path) -> None:
-    """Strict load that says exactly how the file and the config disagree."""
-    path = Path(head_dir) / WEIGHTS_FILE
+def load_weights(module: nn.Module, head_dir: Path, k: int) -> nn.Module:
+    """Strict load of fold k that says exactly how the file and the config disagree."""
+    path = Path(head_dir) / fold_file(k)
     if not path.is_file():
-        raise CheckpointError(f"{head_dir}: no {WEIGHTS_FILE}")
+        raise CheckpointError(f"{head_dir}: no {fold_file(k)}")
     stored = load_file(str(path))
     expected = module.state_dict()
     missing = sorted(set(expected) - set(stored))
@@ -92,48 +115,40 @@ def _load_weights(module: nn.Module, head_dir: Path) -> None:
         details = [f"missing {missing[:5]}" * bool(missing), f"unexpected {unexpected[:5]}" * bool(unexpected)]
         details += [f"{k}: file {a} vs config {b}" for k, (a, b) in list(shapes.items())[:5]]
         raise CheckpointError(
-            f"{head_dir}: the weights in {WEIGHTS_FILE} do not fit the config in {CARD_FILE}: " + "; ".join(d for d in details if d)
+            f"{head_dir}: the weights in {fold_file(k)} do not fit the config in {CARD_FILE}: " + "; ".join(d for d in details if d)
         )
     module.load_state_dict(stored, strict=True)
-    module.eval()
+    return module.eval()
 
 
-def _check_kind(card: HeadCard, kind: str, head_dir: Path) -> None:
-    if card.kind != kind:
-        raise CheckpointError(f"{head_dir} holds a {card.kind}, not a {kind}")
-
-
-def load_classifier(head_dir: Path) -> tuple[Scout, HeadCard]:
-    card = read_card(head_dir)
-    _check_kind(card, "classifier", head_dir)
-    module = Scout(config_from_dict(ClassifierConfig, card.config), card.input_dim, len(card.centroids))
-    _load_weights(module, head_dir)
-    return module, card
-
-
-def load_regressor(head_dir: Path) -> tuple[Sniper, HeadCard]:
-    card = read_card(head_dir)
-    _check_kind(card, "regressor", head_dir)
-    module = Sniper(config_from_dict(RegressorConfig, card.config), card.input_dim, len(card.centroids))
-    _load_weights(module, head_dir)
-    return module, card
+def read_oof(head_dir: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(outputs (M, K) float32, sample_id (M,)) of the fit rows, each from the fold model that never saw it."""
+    path = Path(head_dir) / OOF_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{head_dir}: no {OOF_FILE}")
+    data = load_file(str(path))
+    return data["outputs"].numpy(), data["sample_id"].numpy()
 
 
 def check_features(card: HeadCard, features: SplitFeatures, head_dir: Path) -> None:
     """Refuse features the head was not trained for, naming both fingerprints."""
-    name = card.backbone
-    if name not in features.features:
-        raise CheckpointError(f"{head_dir} was trained on backbone {name!r}; these features have {sorted(features.features)}")
-    have_dataset = features.dataset_fingerprint
-    have_backbone = features.backbone_fingerprints.get(name, "")
-    if (have_dataset, have_backbone) != (card.dataset_fingerprint, card.backbone_fingerprint):
+    missing = [b for b in card.backbones if b not in features.features]
+    if missing:
+        raise CheckpointError(f"{head_dir} reads backbone(s) {missing}; these features have {sorted(features.features)}")
+    if features.dataset_fingerprint != card.dataset_fingerprint:
         raise CheckpointError(
-            f"{head_dir} was trained on dataset {card.dataset_fingerprint!r} with backbone {name!r} "
-            f"{card.backbone_fingerprint!r}; these features are dataset {have_dataset!r}, backbone "
-            f"{have_backbone!r}: retrain the head on these features"
+            f"{head_dir} was trained on dataset {card.dataset_fingerprint!r}; these features are dataset "
+            f"{features.dataset_fingerprint!r}: retrain the head on these features"
         )
+    for b in card.backbones:
+        have = features.backbone_fingerprints.get(b, "")
+        if have != card.backbone_fingerprints.get(b):
+            raise CheckpointError(
+                f"{head_dir} was trained on backbone {b!r} {card.backbone_fingerprints.get(b)!r}; these features are "
+                f"{have!r} (other weights or preprocessing): retrain the head on these features"
+            )
     if not np.array_equal(np.asarray(card.classes), features.classes):
         raise CheckpointError(f"{head_dir} predicts classes (state_idx) {card.classes}; these features have {features.classes.tolist()}")
-    dim = features.features[name].shape[2]
-    if dim != card.feature_dim:
-        raise CheckpointError(f"{head_dir} expects {card.feature_dim}-d {name!r} embeddings; these are {dim}-d")
+    dim = sum(features.features[b].shape[2] for b in card.backbones)
+    if dim != card.input_dim:
+        raise CheckpointError(f"{head_dir} expects {card.input_dim}-d inputs from {card.backbones}; these are {dim}-d")

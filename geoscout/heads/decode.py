@@ -29,17 +29,19 @@ PointsFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
 @dataclass
 class DecodeConfig:
-    # The most probable cells whose positions form the belief. 1: only the most probable cell of the
-    # top-1 state: its point is the answer (the seed's), or with retrieval the median of it and its neighbours.
-    candidates: int = 1
+    """How the position is read from the ensemble's belief. Where a field lists several values, the one
+    with the best out-of-fold score is used (ties go to the first, the simpler)."""
+
+    # The most probable cells whose positions form the belief; 1: the most probable cell of the top-1
+    # state alone (the seed's answer). More: expected-distance decoding, the geometric median of the
+    # candidates' points weighted by probability.
+    candidates: tuple[int, ...] = (1,)
     retrieval_k: int = 0  # training locations searched per query; 0: no retrieval
-    # The share of a cell's probability handed to its retrieved neighbours (those inside it); the
-    # rest stays on the cell's own point. None: chosen on validation from RETRIEVAL_WEIGHTS.
-    retrieval_weight: float | None = None
+    # The share of a cell's probability handed to its retrieved neighbours (those inside it); the rest
+    # stays on the cell's own point.
+    retrieval_weights: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
     similarity_temperature: float = 0.05  # neighbours inside one cell are weighted softmax(cosine / this)
-
-
-RETRIEVAL_WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0)
+    retrieval_dim: int = 256  # wider search descriptors are projected on this many principal directions; 0: never
 
 
 def geometric_median(points: np.ndarray, weights: np.ndarray, *, iterations: int = MEDIAN_ITERATIONS) -> tuple[np.ndarray, np.ndarray]:
@@ -99,8 +101,8 @@ def candidate_cells(cell_logits: torch.Tensor, geocells: Geocells, candidates: i
 
 
 def decode(
-    cell_logits: np.ndarray, geocells: Geocells, config: DecodeConfig, *, points: PointsFn | None = None,
-    neighbours: Neighbours | None = None, retrieval_weight: float = 0.0,
+    cell_logits: np.ndarray, geocells: Geocells, *, candidates: int = 1, points: PointsFn | None = None,
+    neighbours: Neighbours | None = None, retrieval_weight: float = 0.0, similarity_temperature: float = 0.05,
 ) -> Prediction:
     """Top-5 states from the summed cell probabilities; the position from the belief (see module doc).
 
@@ -108,11 +110,11 @@ def decode(
     """
     z = torch.from_numpy(np.asarray(cell_logits))
     top5 = top5_from_logits(geocells.class_logits(z))
-    cells, weights = candidate_cells(z, geocells, config.candidates)
+    cells, weights = candidate_cells(z, geocells, candidates)
     positions = geocells.centroids[cells] if points is None else points(cells, _probabilities(z, cells))
     if neighbours is not None and retrieval_weight > 0:
         positions, weights = spread_to_neighbours(positions, weights, cells, neighbours, share=retrieval_weight,
-                                                  temperature=config.similarity_temperature)
+                                                  temperature=similarity_temperature)
     if positions.shape[1] == 1:
         return Prediction(top5, positions[:, 0, 0], positions[:, 0, 1])
     lat, lon = geometric_median(positions, weights)

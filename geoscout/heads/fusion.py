@@ -18,7 +18,7 @@ from ..errors import ConfigError
 
 @dataclass
 class FusionConfig:
-    kind: str = "transformer"  # a key of FUSIONS
+    kind: str = "mean"  # a key of FUSIONS: "mean", "concat" or "transformer"
     width: int | None = 256  # None: the backbone's own dimension and no input projection
     # LayerNorm per view first (backbones differ wildly in embedding scale). No affine part: the next
     # linear layer absorbs it, and without parameters no gradient flows back over the (B, 4, D) input.
@@ -60,6 +60,24 @@ class MeanFusion(nn.Module):
         weights = mask.to(x.dtype) / count.clamp(min=1)  # zero for absent views, whatever the norm made of them
         mean = torch.bmm(weights[:, None, :], x).squeeze(1)
         return torch.where(count > 0, self.project(mean), self.absent)
+
+
+class ConcatFusion(nn.Module):
+    """The four views side by side (the seed's ConvNeXt branch): a missing view's slot holds a learned
+    "absent" vector, so the head can tell absence from any embedding; optional projection after."""
+
+    def __init__(self, config: FusionConfig, input_dim: int):
+        super().__init__()
+        self.input_norm = _input_norm(config, input_dim)
+        self.absent = nn.Parameter(torch.zeros(NUM_VIEWS, input_dim))
+        flat = NUM_VIEWS * input_dim
+        self.project = nn.Identity() if config.width is None else nn.Linear(flat, config.width)
+        self.out_dim = flat if config.width is None else config.width
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        x = self.input_norm(_present_views(x, mask))
+        x = torch.where(mask[..., None], x, self.absent)
+        return self.project(x.flatten(1))
 
 
 class TransformerFusion(nn.Module):
@@ -104,7 +122,7 @@ class TransformerFusion(nn.Module):
         return (out * weights).sum(dim=1) / weights.sum(dim=1)
 
 
-FUSIONS: dict[str, type[nn.Module]] = {"transformer": TransformerFusion, "mean": MeanFusion}
+FUSIONS: dict[str, type[nn.Module]] = {"transformer": TransformerFusion, "mean": MeanFusion, "concat": ConcatFusion}
 
 
 def build_fusion(config: FusionConfig, input_dim: int) -> nn.Module:

@@ -1,4 +1,9 @@
-"""The two head modules: Scout (views -> class logits) and Sniper (Scout's outputs -> offset from a centroid)."""
+"""The head modules and their configs: Scout (views -> cell logits), Probe (view mean -> state logits,
+a standardised multinomial logistic regression) and Sniper (descriptor + a cell -> offset from its centroid).
+
+Each module starts with a `Standardize` whose statistics come from its training rows, so a head file
+holds everything needed to apply it.
+"""
 
 from __future__ import annotations
 
@@ -9,9 +14,17 @@ from torch import nn
 
 from ..errors import ConfigError
 from .fusion import FusionConfig, build_fusion
+from .inputs import Standardize
 from .training import TrainConfig
 
 NORMS: dict[str, type[nn.Module]] = {"batch": nn.BatchNorm1d, "layer": nn.LayerNorm}
+ACTIVATIONS: dict[str, type[nn.Module]] = {"silu": nn.SiLU, "gelu": nn.GELU, "relu": nn.ReLU}
+
+
+def _choice(table: dict, key: str, what: str):
+    if key not in table:
+        raise ConfigError(f"unknown {what} {key!r}; available: {sorted(table)}")
+    return table[key]
 
 
 @dataclass
@@ -19,8 +32,10 @@ class ClassifierConfig:
     fusion: FusionConfig = field(default_factory=FusionConfig)
     hidden: int = 512  # 0: a single linear layer from the fused descriptor to the logits
     norm: str = "layer"  # a key of NORMS; "batch" is the seed's
+    activation: str = "silu"  # a key of ACTIVATIONS
     dropout: float = 0.3
-    label_smoothing: float = 0.1
+    linear_skip: bool = False  # a linear path from the descriptor to the logits beside the MLP
+    label_smoothing: float = 0.0
     # Geocells: the classes become about this many cells, k-means inside each state, proportional to
     # its training rows (see geocells.py); 0: one cell per state.
     geocells: int = 0
@@ -30,49 +45,79 @@ class ClassifierConfig:
     # Smooth only over the cells of the true state (needs geocells): mass spread across a border
     # teaches the classifier to confuse neighbouring states, which is 70% of the score.
     haversine_within_state: bool = True
+    view_dropout: float = 0.0  # training augmentation: each view hidden with this probability
     train: TrainConfig = field(default_factory=TrainConfig)
+
+
+@dataclass
+class ProbeConfig:
+    """A standardised multinomial logistic regression on the mean of a location's views (DINOv2's linear
+    evaluation). Its L2 strength (per row: the loss is mean cross-entropy + l2/2 * |W|^2, sklearn's
+    C = 1 / (l2 * rows)) is chosen among `l2` by the out-of-fold NLL of the training rows."""
+
+    l2: tuple[float, ...] = (1e-4, 1e-3, 1e-2)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=1e-2, weight_decay=0.0, batch_size=1024))
 
 
 @dataclass
 class RegressorConfig:
     state_embedding_dim: int = 64
-    append_confidence: bool = True  # the confidence as an input of its own, besides scaling the state embedding
+    append_confidence: bool = True  # the confidence as an input of its own, besides scaling the cell embedding
     hidden: int = 512
     blocks: int = 2  # residual MLP blocks
     dropout: float = 0.1
     # One unit of network output is this many degrees: the near-zero last layer then starts at the
     # centroid and the optimiser moves in steps of a sensible size.
     offset_scale_deg: float = 5.0
-    # The cell whose centroid the offset starts from while training: "predicted" (the classifier's
-    # top cell, the seed's) or "true" (the location's own cell, so the offset of any cell means
-    # "where inside this cell", which is what expected-distance decoding asks of every candidate).
+    # The cell whose centroid the offset starts from while training: "predicted" (the ensemble's anchor
+    # cell, the seed's) or "true" (the location's own cell, so the offset of any cell means "where inside
+    # this cell", which is what expected-distance decoding asks of every candidate).
     anchor: str = "predicted"
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=1e-3, epochs=10))
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=1e-3, max_epochs=20))
 
 
 class Scout(nn.Module):
-    """Fusion -> MLP -> one logit per class. `describe` gives the fused descriptor the Sniper reads."""
+    """Standardise -> fusion -> MLP -> one logit per cell. `describe` gives the fused descriptor."""
 
-    def __init__(self, config: ClassifierConfig, input_dim: int, num_classes: int):
+    def __init__(self, config: ClassifierConfig, input_dim: int, num_cells: int):
         super().__init__()
-        if config.norm not in NORMS:
-            raise ConfigError(f"unknown norm {config.norm!r}; available: {sorted(NORMS)}")
+        norm = _choice(NORMS, config.norm, "norm")
+        activation = _choice(ACTIVATIONS, config.activation, "activation")
+        self.standardize = Standardize(input_dim)
         self.fusion = build_fusion(config.fusion, input_dim)
         d = self.fusion.out_dim
         if config.hidden == 0:
-            self.head = nn.Sequential(nn.Dropout(config.dropout), nn.Linear(d, num_classes))
+            self.head = nn.Sequential(nn.Dropout(config.dropout), nn.Linear(d, num_cells))
         else:
             self.head = nn.Sequential(
-                nn.Linear(d, config.hidden), NORMS[config.norm](config.hidden), nn.SiLU(),
-                nn.Dropout(config.dropout), nn.Linear(config.hidden, num_classes),
+                nn.Linear(d, config.hidden), norm(config.hidden), activation(),
+                nn.Dropout(config.dropout), nn.Linear(config.hidden, num_cells),
             )
+        self.skip = nn.Linear(d, num_cells) if config.linear_skip else None
         self.descriptor_dim = d
 
     def describe(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return self.fusion(x, mask)
+        return self.fusion(self.standardize(x), mask)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return self.head(self.describe(x, mask))
+        d = self.describe(x, mask)
+        logits = self.head(d)
+        return logits if self.skip is None else logits + self.skip(d)
+
+
+class Probe(nn.Module):
+    """Standardised view mean -> one logit per state. A location without any view has a zero mean,
+    which standardises to the training mean's negative: the probe still answers (with its prior)."""
+
+    def __init__(self, input_dim: int, num_classes: int):
+        super().__init__()
+        self.standardize = Standardize(input_dim)
+        self.linear = nn.Linear(input_dim, num_classes)
+        nn.init.zeros_(self.linear.weight)
+        nn.init.zeros_(self.linear.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(self.standardize(x))
 
 
 class _ResidualBlock(nn.Module):
@@ -92,14 +137,13 @@ ANCHORS = ("predicted", "true")
 class Sniper(nn.Module):
     """(descriptor, a cell, its probability) -> (dlat, dlon) in degrees from that cell's centroid."""
 
-    def __init__(self, config: RegressorConfig, descriptor_dim: int, num_classes: int):
+    def __init__(self, config: RegressorConfig, descriptor_dim: int, num_cells: int):
         super().__init__()
-        if config.anchor not in ANCHORS:
-            raise ConfigError(f"unknown regressor anchor {config.anchor!r}; available: {list(ANCHORS)}")
+        _choice({a: a for a in ANCHORS}, config.anchor, "regressor anchor")
         self.append_confidence = config.append_confidence
         self.offset_scale_deg = config.offset_scale_deg
-        self.descriptor_norm = nn.LayerNorm(descriptor_dim)
-        self.state_embedding = nn.Embedding(num_classes, config.state_embedding_dim)
+        self.standardize = Standardize(descriptor_dim)
+        self.cell_embedding = nn.Embedding(num_cells, config.state_embedding_dim)
         in_dim = descriptor_dim + config.state_embedding_dim + int(config.append_confidence)
         self.body = nn.Sequential(
             nn.Linear(in_dim, config.hidden),
@@ -110,16 +154,16 @@ class Sniper(nn.Module):
         nn.init.normal_(self.out.weight, std=1e-4)
         nn.init.zeros_(self.out.bias)
 
-    def forward(self, descriptor: torch.Tensor, top1: torch.Tensor, confidence: torch.Tensor) -> torch.Tensor:
-        parts = [self.descriptor_norm(descriptor), self.state_embedding(top1) * confidence[:, None]]
+    def forward(self, descriptor: torch.Tensor, cell: torch.Tensor, confidence: torch.Tensor) -> torch.Tensor:
+        parts = [self.standardize(descriptor), self.cell_embedding(cell) * confidence[:, None]]
         if self.append_confidence:
             parts.append(confidence[:, None])
         return self.out(self.body(torch.cat(parts, dim=1))) * self.offset_scale_deg
 
 
-def apply_offset(centroids: torch.Tensor, top1: torch.Tensor, offset_deg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def apply_offset(centroids: torch.Tensor, cell: torch.Tensor, offset_deg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(lat, lon) = centroid of the given cell + offset; latitude clamped, longitude wrapped to [-180, 180)."""
-    base = centroids[top1]
+    base = centroids[cell]
     lat = (base[:, 0] + offset_deg[:, 0]).clamp(-90.0, 90.0)
     lon = torch.remainder(base[:, 1] + offset_deg[:, 1] + 180.0, 360.0) - 180.0
     return lat, lon

@@ -1,10 +1,12 @@
 """Retrieval refinement: the training locations that look most like a query, as candidate positions.
 
-A location's search descriptor is the index layer's (the mean of its embedded views, centred on the gallery's
-mean, unit length), one per backbone, concatenated and scaled so the inner product is the mean of
-the backbones' cosines. The gallery is a labelled split (its validation rows left out when the
-queries are those rows); every gallery location carries its geocell, so a decoder can keep only
-neighbours inside the cells it believes in.
+A location's search descriptor is the index layer's (index.py: mean of its embedded views, centred
+on the gallery's mean, unit length), one per backbone, side by side and scaled so the inner product
+is the mean of the backbones' cosines. Wide descriptors are projected on their top principal
+directions (fitted on the gallery) before the exact search: at competition scale a full-width
+search of every training row against every other is the slowest part of the heads, and the top
+directions keep the neighbours. Every gallery location carries its geocell, so a decoder can keep
+only neighbours inside the cells it believes in.
 """
 
 from __future__ import annotations
@@ -13,10 +15,14 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
+from sklearn.utils.extmath import randomized_svd
 
+from ..errors import ConfigError
 from ..index import descriptor_center, has_views, knn_search, location_descriptors
 from ..store.features import SplitFeatures
-from .geocells import Geocells
+from .folds import Folds
+
+PCA_SAMPLE = 16384  # gallery rows the principal directions are fitted on
 
 
 class Neighbours(NamedTuple):
@@ -27,40 +33,78 @@ class Neighbours(NamedTuple):
 
 
 @dataclass
-class Gallery:
+class SearchSpace:
+    """How locations become search descriptors: per-backbone centres, then an optional projection."""
+
     backbones: list[str]
-    centers: dict[str, np.ndarray]  # backbone -> (D,) mean descriptor of the gallery, subtracted from queries too
-    descriptors: np.ndarray  # (M, sum D) float32
+    centers: dict[str, np.ndarray]  # backbone -> (D,) mean descriptor of the gallery
+    basis: np.ndarray | None  # (sum D, dim) orthonormal columns, or None for the full width
+
+    def describe(self, features: SplitFeatures) -> np.ndarray:
+        parts = [location_descriptors(features.features[b], features.masks[b], center=self.centers[b]) for b in self.backbones]
+        full = np.concatenate(parts, axis=1) / np.sqrt(len(parts))
+        if self.basis is None:
+            return full
+        projected = full @ self.basis
+        norms = np.linalg.norm(projected, axis=1, keepdims=True)
+        # rows without views stay zero (has_views reports them); the rest are unit length again
+        return np.where(norms > 0, projected / np.where(norms > 0, norms, 1.0), 0.0).astype(np.float32)
+
+
+def fit_space(features: SplitFeatures, *, rows: np.ndarray, backbones: list[str], dim: int, seed: int = 0) -> SearchSpace:
+    """Centres (and, when the descriptors are wider than `dim`, the top `dim` principal directions) of
+    the gallery rows `rows`. dim 0 keeps the full width."""
+    missing = [b for b in backbones if b not in features.features]
+    if missing:
+        raise ConfigError(f"retrieval needs the features of {missing}")
+    in_gallery = np.zeros(len(features), dtype=bool)
+    in_gallery[rows] = True
+    centers = {b: descriptor_center(features.features[b], features.masks[b] & in_gallery[:, None]) for b in backbones}
+    space = SearchSpace(list(backbones), centers, None)
+    width = sum(features.features[b].shape[2] for b in backbones)
+    if dim and width > dim:
+        full = space.describe(features)[rows]
+        full = full[has_views(full)]
+        pick = np.sort(np.random.default_rng(seed).permutation(len(full))[:PCA_SAMPLE])
+        _, _, vt = randomized_svd(full[pick], n_components=dim, n_iter=4, random_state=seed)
+        space.basis = np.ascontiguousarray(vt.T, dtype=np.float32)
+    return space
+
+
+@dataclass
+class Gallery:
+    descriptors: np.ndarray  # (M, d) float32
     latlon: np.ndarray  # (M, 2)
     cell: np.ndarray  # (M,)
 
 
-def _describe(features: SplitFeatures, backbones: list[str], centers: dict[str, np.ndarray]) -> np.ndarray:
-    parts = [location_descriptors(features.features[b], features.masks[b], center=centers[b]) for b in backbones]
-    return np.concatenate(parts, axis=1) / np.sqrt(len(parts))
+def build_gallery(descriptors: np.ndarray, latlon: np.ndarray, cell: np.ndarray, rows: np.ndarray) -> Gallery:
+    """The locations `rows` that have at least one embedded view, with their positions and cells."""
+    rows = np.asarray(rows)
+    keep = rows[has_views(descriptors[rows])]
+    return Gallery(descriptors[keep], latlon[keep], cell[keep])
 
 
-def build_gallery(features: SplitFeatures, *, rows: np.ndarray, backbones: list[str], geocells: Geocells) -> Gallery:
-    """The locations `rows` of a labelled split that have at least one embedded view.
-
-    Descriptors are centred on the gallery's own mean (index.py). The other rows are masked
-    out rather than cut out, so a gallery of some rows needs no copy of their features.
-    """
-    if not features.labelled:
-        raise ValueError(f"a retrieval gallery needs labelled locations; split {features.split!r} has none")
-    in_gallery = np.zeros(len(features), dtype=bool)
-    in_gallery[rows] = True
-    centers = {b: descriptor_center(features.features[b], features.masks[b] & in_gallery[:, None]) for b in backbones}
-    descriptors = _describe(features, backbones, centers)[rows]
-    ok = has_views(descriptors)
-    keep = np.asarray(rows)[ok]
-    return Gallery(list(backbones), centers, descriptors[ok], features.latlon[keep],
-                   geocells.assign(features.class_id[keep], features.latlon[keep]))
-
-
-def search(gallery: Gallery, queries: SplitFeatures, *, k: int) -> Neighbours:
-    """The k most similar gallery locations of every query (exact inner-product search, index.py)."""
-    descriptors = _describe(queries, gallery.backbones, gallery.centers)
-    similarity, rows = knn_search(database=gallery.descriptors, queries=descriptors, k=k)
-    valid = np.broadcast_to(has_views(descriptors)[:, None], rows.shape)
+def search(gallery: Gallery, queries: np.ndarray, *, k: int) -> Neighbours:
+    """The k most similar gallery locations of every query descriptor (exact inner-product search)."""
+    similarity, rows = knn_search(database=gallery.descriptors, queries=queries, k=k)
+    valid = np.broadcast_to(has_views(queries)[:, None], rows.shape)
     return Neighbours(similarity.astype(np.float64), gallery.latlon[rows], gallery.cell[rows], valid.copy())
+
+
+def oof_neighbours(descriptors: np.ndarray, latlon: np.ndarray, cell: np.ndarray, folds: Folds, *, k: int) -> Neighbours:
+    """Neighbours of every fit row among the fit rows of the other folds: what a row would see as a test
+    location, never itself or its own fold. Every array here holds only the fit rows, in order."""
+    folds = folds.local()
+    parts = {}
+    for f in range(folds.k):
+        gallery = build_gallery(descriptors, latlon, cell, folds.train_rows(f))
+        parts[f] = search(gallery, descriptors[folds.heldout_rows(f)], k=k)
+    width = min(p.similarity.shape[1] for p in parts.values())
+    out = [np.zeros((len(folds.fit_rows), width, *shape), dtype=dtype) for shape, dtype in
+           (((), np.float64), ((2,), np.float64), ((), np.int64), ((), bool))]
+    for f, part in parts.items():
+        at = folds.fold == f
+        for target, values in zip(out, part):
+            target[at] = values[:, :width]
+    return Neighbours(*out)

@@ -1,7 +1,9 @@
-"""The one training loop and the one evaluator every head uses; heads differ by module, objective and config.
+"""The one training loop every head uses; heads differ by module, objective and config.
 
-An objective says how rows become a batch, what the loss is, and how outputs become predictions
-(top-5 class ids + coordinates). Validation is always the competition score of those predictions.
+The budget is counted in optimiser steps, with a floor, so a head trains to convergence whether it
+sees 150 or 2,000 rows per state: a small split gets many passes, a large one a few. The loop
+evaluates the held-out rows' loss (NLL for classifiers, km for the regressor) every few steps, stops
+when it has not improved for `patience` evaluations, and restores the best weights.
 """
 
 from __future__ import annotations
@@ -19,28 +21,35 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..competition import NO_PREDICTION
-from ..metric import score_predictions
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = 8
     batch_size: int = 512
     lr: float = 2e-3
-    weight_decay: float = 0.05
+    weight_decay: float = 0.05  # AdamW's, on weight matrices and embedding tables only
+    max_epochs: float = 30.0  # the budget: at most this many passes over the training rows ...
+    min_steps: int = 400  # ... but never fewer optimiser steps than this (small splits)
+    max_steps: int = 20_000  # ... and never more (a cap for very large splits)
+    evaluations_per_epoch: float = 2.0  # held-out evaluations per pass (at least one every `max_eval_interval` steps)
+    max_eval_interval: int = 100
+    patience: int = 6  # evaluations without a better held-out loss before stopping
     warmup_fraction: float = 0.05
     min_lr_fraction: float = 0.02  # the cosine schedule ends at lr * this
     grad_clip: float = 1.0  # 0: no clipping
-    patience: int = 3  # epochs without a better validation score before stopping
     eval_batch_size: int = 4096
-    # Small datasets get smaller batches so every epoch still takes this many optimiser steps
-    # (a 1024 batch over 500 rows would train for one step an epoch). 0: always batch_size.
-    min_steps_per_epoch: int = 0
 
     def batch_size_for(self, n_rows: int) -> int:
-        if not self.min_steps_per_epoch:
-            return self.batch_size
-        return max(1, min(self.batch_size, max(32, n_rows // self.min_steps_per_epoch)))
+        """At least 8 batches per pass: a 512 batch over 600 rows would be one noisy step per epoch."""
+        return int(max(1, min(self.batch_size, max(32, n_rows // 8))))
+
+    def budget(self, n_rows: int) -> int:
+        steps_per_epoch = max(1, n_rows // self.batch_size_for(n_rows))
+        return int(min(self.max_steps, max(self.min_steps, math.ceil(self.max_epochs * steps_per_epoch))))
+
+    def eval_interval(self, n_rows: int) -> int:
+        steps_per_epoch = max(1, n_rows // self.batch_size_for(n_rows))
+        return int(max(1, min(self.max_eval_interval, round(steps_per_epoch / self.evaluations_per_epoch))))
 
 
 class Prediction(NamedTuple):
@@ -53,24 +62,22 @@ Batch = dict[str, torch.Tensor]
 
 
 class Objective(Protocol):
-    def batch(self, rows: np.ndarray, device: torch.device) -> Batch: ...
+    """How rows become a batch and a loss. `batch(..., train=True)` may augment (e.g. drop views)."""
+
+    def batch(self, rows: np.ndarray, device: torch.device, *, train: bool) -> Batch: ...
     def loss(self, module: nn.Module, batch: Batch) -> torch.Tensor: ...
-    def predict(self, module: nn.Module, batch: Batch) -> Prediction: ...
-
-
-@dataclass
-class Truth:
-    class_id: np.ndarray
-    latlon: np.ndarray  # (N, 2) degrees
+    def heldout_loss(self, module: nn.Module, batch: Batch) -> torch.Tensor:
+        """Per-row loss on held-out rows, shape (B,): what early stopping minimises."""
 
 
 @dataclass
 class FitResult:
-    best_epoch: int  # 0: the untrained module was never beaten
-    best_metrics: dict[str, float]
-    epochs_run: int
+    best_step: int  # 0: the untrained module was never beaten
+    best_loss: float  # mean held-out loss of the kept weights
+    steps_run: int
+    budget: int
     seconds: float
-    history: list[dict] = field(default_factory=list)
+    history: list[dict] = field(default_factory=list)  # {"step", "train_loss", "heldout_loss"}
 
 
 @contextlib.contextmanager
@@ -89,20 +96,16 @@ def top5_from_logits(logits: torch.Tensor) -> np.ndarray:
     return out
 
 
-def predict_rows(module: nn.Module, objective: Objective, rows: np.ndarray, *, batch_size: int, device: torch.device) -> Prediction:
-    """The evaluator: the module's predictions for `rows`, in eval mode, batch by batch."""
+def heldout_loss(module: nn.Module, objective: Objective, rows: np.ndarray, *, batch_size: int,
+                 device: torch.device) -> float:
+    """The evaluator: mean per-row held-out loss of `rows`, in eval mode."""
     module.eval()
-    parts = []
+    total = 0.0
     with torch.inference_mode():
         for start in range(0, len(rows), batch_size):
-            parts.append(objective.predict(module, objective.batch(rows[start : start + batch_size], device)))
-    return Prediction(*(np.concatenate([p[i] for p in parts]) for i in range(3)))
-
-
-def score(prediction: Prediction, truth: Truth) -> dict[str, float]:
-    return score_predictions(
-        truth.class_id, truth.latlon[:, 0], truth.latlon[:, 1], prediction.top5, prediction.lat, prediction.lon
-    )
+            batch = objective.batch(rows[start:start + batch_size], device, train=False)
+            total += float(objective.heldout_loss(module, batch).double().sum())
+    return total / max(len(rows), 1)
 
 
 def _lr_factor(step: int, total: int, config: TrainConfig) -> float:
@@ -110,7 +113,7 @@ def _lr_factor(step: int, total: int, config: TrainConfig) -> float:
     if step < warmup:
         return (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
-    return config.min_lr_fraction + (1 - config.min_lr_fraction) * 0.5 * (1 + math.cos(math.pi * progress))
+    return config.min_lr_fraction + (1 - config.min_lr_fraction) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
 def _optimizer(module: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
@@ -122,11 +125,14 @@ def _optimizer(module: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=config.lr)
 
 
-def _batches(rows: np.ndarray, batch_size: int) -> list[np.ndarray]:
-    # Drop the last partial batch (BatchNorm cannot train on one row); with fewer rows than a batch,
-    # train on them all. Sorted rows make the fp16 gather from the feature store cache-friendly.
-    count = max(1, len(rows) // batch_size)
-    return [np.sort(rows[i * batch_size : (i + 1) * batch_size]) for i in range(count)]
+def _shuffled_batches(rng: np.random.Generator, rows: np.ndarray, batch_size: int) -> Iterator[np.ndarray]:
+    # Whole batches only (BatchNorm cannot train on one row); with fewer rows than a batch, all of them.
+    # Sorted rows make the fp16 gather from the feature arrays cache-friendly.
+    while True:
+        order = rng.permutation(rows)
+        count = max(1, len(order) // batch_size)
+        for i in range(count):
+            yield np.sort(order[i * batch_size:(i + 1) * batch_size])
 
 
 def fit(
@@ -134,60 +140,63 @@ def fit(
     objective: Objective,
     *,
     train_rows: np.ndarray,
-    val_rows: np.ndarray,
-    val_truth: Truth,
+    heldout_rows: np.ndarray,
     config: TrainConfig,
     seed: int,
     device: torch.device,
     desc: str,
     progress: bool = True,
 ) -> FitResult:
-    """Train with AdamW + warmup/cosine; keep the weights with the best validation competition score.
+    """Train with AdamW + warmup/cosine over the step budget; keep the weights with the lowest held-out loss.
 
-    The untrained module is scored first, so a head that never improves (a regressor that cannot beat
+    The untrained module is evaluated first, so a head that never improves (a regressor that cannot beat
     the centroid it starts at) is returned as it started. Shuffling uses its own generator seeded by
     `seed`; seed torch (see `seeded`) before building the module for bitwise-reproducible weights.
     """
-    if len(val_rows) == 0:
-        raise ValueError("no validation rows: early stopping and model selection need some")
+    if len(heldout_rows) == 0:
+        raise ValueError("no held-out rows: early stopping needs some")
     started = time.perf_counter()
     module.to(device)
     rng = np.random.default_rng(seed)
     batch_size = config.batch_size_for(len(train_rows))
-    steps_per_epoch = len(_batches(train_rows, batch_size))
-    total = steps_per_epoch * config.epochs
+    total = config.budget(len(train_rows))
+    interval = config.eval_interval(len(train_rows))
     optimizer = _optimizer(module, config)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _lr_factor(step, total, config))
 
-    def validate() -> dict[str, float]:
-        return score(predict_rows(module, objective, val_rows, batch_size=config.eval_batch_size, device=device), val_truth)
+    def evaluate() -> float:
+        return heldout_loss(module, objective, heldout_rows, batch_size=config.eval_batch_size, device=device)
 
-    best_metrics = validate()
-    best_state, best_epoch, history = copy.deepcopy(module.state_dict()), 0, [{"epoch": 0, **best_metrics}]
-    epoch = 0
-    bar = tqdm(total=total, desc=desc, unit="batch", disable=not progress)
-    for epoch in range(1, config.epochs + 1):
-        module.train()
-        running = 0.0
-        for step, rows in enumerate(_batches(rng.permutation(train_rows), batch_size), start=1):
-            loss = objective.loss(module, objective.batch(rows, device))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if config.grad_clip:
-                nn.utils.clip_grad_norm_(module.parameters(), config.grad_clip)
-            optimizer.step()
-            schedule.step()
-            running += (loss.item() - running) / step
-            bar.update()
-            bar.set_postfix(loss=f"{running:.4f}", val=f"{best_metrics['score']:.4f}", refresh=False)
-        metrics = validate()
-        history.append({"epoch": epoch, "train_loss": running, **metrics})
-        if metrics["score"] > best_metrics["score"]:
-            best_metrics, best_state, best_epoch = metrics, copy.deepcopy(module.state_dict()), epoch
-        bar.set_postfix(loss=f"{running:.4f}", val=f"{metrics['score']:.4f}", best=f"{best_metrics['score']:.4f}")
-        if epoch - best_epoch >= config.patience:
+    best_loss = evaluate()
+    best_state, best_step = copy.deepcopy(module.state_dict()), 0
+    history = [{"step": 0, "train_loss": float("nan"), "heldout_loss": best_loss}]
+    since_best, running, step = 0, 0.0, 0
+    bar = tqdm(total=total, desc=desc, unit="step", disable=not progress, leave=False)
+    module.train()
+    for step, rows in enumerate(_shuffled_batches(rng, train_rows, batch_size), start=1):
+        loss = objective.loss(module, objective.batch(rows, device, train=True))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if config.grad_clip:
+            nn.utils.clip_grad_norm_(module.parameters(), config.grad_clip)
+        optimizer.step()
+        schedule.step()
+        running = loss.item() if step == 1 else 0.9 * running + 0.1 * loss.item()
+        bar.update()
+        if step % interval == 0 or step == total:
+            current = evaluate()
+            module.train()
+            history.append({"step": step, "train_loss": running, "heldout_loss": current})
+            if current < best_loss:
+                best_loss, best_state, best_step, since_best = current, copy.deepcopy(module.state_dict()), step, 0
+            else:
+                since_best += 1
+            bar.set_postfix(loss=f"{running:.4f}", heldout=f"{current:.4f}", best=f"{best_loss:.4f}", refresh=False)
+            if since_best >= config.patience:
+                break
+        if step >= total:
             break
     bar.close()
     module.load_state_dict(best_state)
     module.eval()
-    return FitResult(best_epoch, best_metrics, epoch, time.perf_counter() - started, history)
+    return FitResult(best_step, best_loss, step, total, time.perf_counter() - started, history)

@@ -1,0 +1,120 @@
+"""What a head reads from the feature store: per-view features of one or more backbones, or their view means.
+
+Every head standardises its inputs with statistics of its own training rows (kept in the head's
+weights), because backbones differ wildly in scale and a linear probe or an MLP on raw CLIP features
+trains poorly. Arrays stay fp16 in RAM; only batches become float32.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+from ..index import masked_view_mean
+from ..store.features import SplitFeatures
+
+STATS_BLOCK = 8192
+MIN_STD = 1e-6  # a constant dimension is divided by this instead of 0
+
+
+@dataclass(frozen=True)
+class Views:
+    """Per-view features of a head's backbones, side by side: (N, 4, sum D) fp16 and the (N, 4) mask of
+    views embedded by every one of them."""
+
+    features: np.ndarray
+    mask: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.mask)
+
+
+def views_of(split: SplitFeatures, backbones: tuple[str, ...] | list[str]) -> Views:
+    missing = [b for b in backbones if b not in split.features]
+    if missing:
+        raise ConfigError(f"no features of backbone(s) {missing} in the {split.split} split; available: {sorted(split.features)}")
+    if len(backbones) == 1:
+        return Views(split.features[backbones[0]], split.masks[backbones[0]])
+    mask = np.logical_and.reduce([split.masks[b] for b in backbones])
+    return Views(np.concatenate([split.features[b] for b in backbones], axis=2), mask)
+
+
+def flipped_views_of(split: SplitFeatures, backbones: tuple[str, ...] | list[str]) -> Views | None:
+    """The mirrored views (extract --flip) in the same slots, or None when a backbone has none."""
+    if any(b not in split.flipped for b in backbones):
+        return None
+    mask = np.logical_and.reduce([split.masks[b] for b in backbones])
+    return Views(np.concatenate([split.flipped[b] for b in backbones], axis=2), mask)
+
+
+def view_means(views: Views) -> np.ndarray:
+    """(N, D) float32: the mean of each location's embedded views (zeros where none)."""
+    out = np.empty((len(views), views.features.shape[2]), dtype=np.float32)
+    for start in range(0, len(views), STATS_BLOCK):
+        stop = min(start + STATS_BLOCK, len(views))
+        out[start:stop], _ = masked_view_mean(views.features, views.mask, start, stop)
+    return out
+
+
+def view_statistics(views: Views, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-dimension mean and std over the embedded views of `rows` (float64 sums, in blocks)."""
+    dim = views.features.shape[2]
+    total, total_sq, count = np.zeros(dim), np.zeros(dim), 0
+    rows = np.sort(rows)
+    for start in range(0, len(rows), STATS_BLOCK):
+        part = rows[start:start + STATS_BLOCK]
+        x = views.features[part].astype(np.float64)[views.mask[part]]  # (present views, D)
+        total += x.sum(axis=0)
+        total_sq += np.square(x).sum(axis=0)
+        count += len(x)
+    return _mean_std(total, total_sq, count)
+
+
+def row_statistics(x: np.ndarray, rows: np.ndarray, present: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Per-dimension mean and std of the rows `rows` of a (N, D) array (only where `present`, if given)."""
+    part = np.sort(rows)
+    if present is not None:
+        part = part[present[part]]
+    values = x[part].astype(np.float64)
+    return _mean_std(values.sum(axis=0), np.square(values).sum(axis=0), len(values))
+
+
+def _mean_std(total: np.ndarray, total_sq: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:
+    if count == 0:
+        raise ConfigError("no embedded view among the training rows: nothing to standardise")
+    mean = total / count
+    std = np.sqrt(np.maximum(total_sq / count - mean**2, 0.0))
+    return mean.astype(np.float32), np.maximum(std, MIN_STD).astype(np.float32)
+
+
+class Standardize(nn.Module):
+    """(x - mean) / std over the last axis, with the training rows' statistics as buffers (saved in the head)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(dim))
+        self.register_buffer("std", torch.ones(dim))
+
+    def set_statistics(self, mean: np.ndarray, std: np.ndarray) -> None:
+        self.mean.copy_(torch.as_tensor(mean, dtype=torch.float32))
+        self.std.copy_(torch.as_tensor(std, dtype=torch.float32))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+
+def drop_views(mask: torch.Tensor, p: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Training augmentation: each embedded view is hidden with probability p; a location keeps at least
+    one of its views (its first embedded one when the draw would hide them all)."""
+    if p <= 0:
+        return mask
+    keep = torch.rand(mask.shape, generator=generator, device=mask.device) >= p
+    dropped = mask & keep
+    emptied = mask.any(dim=1) & ~dropped.any(dim=1)
+    first = torch.zeros_like(mask)
+    first[torch.arange(len(mask), device=mask.device), mask.float().argmax(dim=1)] = True
+    return torch.where(emptied[:, None], mask & first, dropped)
