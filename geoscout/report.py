@@ -33,7 +33,7 @@ from matplotlib.axes import Axes
 from matplotlib.collections import LineCollection
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 from sklearn.metrics import confusion_matrix
 
 from .borders import border_lines
@@ -75,7 +75,7 @@ LOWER48: Frame = (-125.5, -66.0, 23.5, 50.0)
 INSETS: dict[str, Frame] = {"Alaska": (-170.0, -129.0, 51.0, 71.5), "Hawaii": (-160.5, -154.5, 18.5, 22.5)}
 # Inset rectangles in the main map's axes fraction: bottom left, over the Pacific and Mexico.
 INSET_BOXES = {"Alaska": (0.0, 0.0, 0.24, 0.27), "Hawaii": (0.25, 0.0, 0.13, 0.13)}
-BORDER_STYLE = dict(colors="0.55", linewidths=0.6, zorder=1.5)  # above the faint background, below the points
+BORDER_STYLE = dict(colors="0.62", linewidths=0.6, zorder=1.5)  # above the faint background, below the points
 # Artist ids: what a reader of a figure (the tests) looks up.
 GID_BORDERS, GID_TRUTH, GID_PRED, GID_ERRORS = "state-borders", "truth", "prediction", "error-lines"
 
@@ -392,13 +392,13 @@ def draw_training_background(ax: Axes, train: pl.DataFrame, marker_scale: float)
                alpha=alpha, linewidths=0, rasterized=True, zorder=1)
 
 
-def draw_pairs(ax: Axes, val: pl.DataFrame, marker_scale: float, line_alpha: float = 0.45,
+def draw_pairs(ax: Axes, val: pl.DataFrame, marker_scale: float, line_alpha: float = 0.55,
                colours: tuple[str, str] | None = None) -> None:
     """Error lines, truth dots and predicted crosses; coloured by true and top-1 state unless `colours` are given."""
     true_xy = np.column_stack([val["true_longitude"], val["true_latitude"]])
     pred_xy = np.column_stack([val["pred_longitude"], val["pred_latitude"]])
     lines = np.stack([true_xy, pred_xy], axis=1)
-    ax.add_collection(LineCollection(lines, colors="0.25", linewidths=0.5 * marker_scale, alpha=line_alpha, zorder=2,
+    ax.add_collection(LineCollection(lines, colors="0.15", linewidths=0.6 * marker_scale, alpha=line_alpha, zorder=2,
                                      gid=GID_ERRORS),
                       autolim=False)
     true_c, pred_c = colours or ([state_colour(s) for s in true_states(val)], [state_colour(s) for s in top1_states(val)])
@@ -421,7 +421,7 @@ def map_legend(fig: Figure, val: pl.DataFrame) -> None:
     keys = [
         Line2D([], [], marker="o", ls="", color="0.6", markeredgecolor="black", label="truth"),
         Line2D([], [], marker="x", ls="", color="0.3", label="prediction (top-1 colour)"),
-        Line2D([], [], color="0.25", lw=0.8, label="error"),
+        Line2D([], [], color="0.15", alpha=0.55, lw=0.8, label="error"),
         Line2D([], [], color=BORDER_STYLE["colors"], lw=0.8, label="state border"),
     ]
     states = [Line2D([], [], marker="s", ls="", color=state_colour(s), label=state_label(s)) for s in shown]
@@ -820,7 +820,8 @@ def read_tile(images_dir: Path, name: str) -> tuple[Image.Image | None, str | No
 
 def grey_tile() -> Image.Image:
     tile = Image.new("RGB", (THUMB_PX, THUMB_PX), (200, 200, 200))
-    ImageDraw.Draw(tile).text((THUMB_PX // 2 - 24, THUMB_PX // 2 - 5), "not shown", fill=(90, 90, 90))
+    ImageDraw.Draw(tile).text((THUMB_PX // 2, THUMB_PX // 2), "not shown", fill=(90, 90, 90),
+                              font=ImageFont.load_default(size=14), anchor="mm")
     return tile
 
 
@@ -843,15 +844,15 @@ def pair_frame(row: dict) -> Frame:
     lons = (row["true_longitude"], row["pred_longitude"])
     mid_lat, mid_lon = (min(lats) + max(lats)) / 2, (min(lons) + max(lons)) / 2
     k = math.cos(math.radians(mid_lat))
-    height = max((max(lats) - min(lats)) * 1.3, (max(lons) - min(lons)) * k * 1.3 / WORST_MAP_ASPECT, 7.0)
+    height = max((max(lats) - min(lats)) * 1.35, (max(lons) - min(lons)) * k * 1.35 / WORST_MAP_ASPECT, 7.0)
     width = height * WORST_MAP_ASPECT / k
     return (mid_lon - width / 2, mid_lon + width / 2, mid_lat - height / 2, mid_lat + height / 2)
 
 
 def worst_map_figure(row: dict) -> Figure:
     """One error on a small map with the state borders: truth dot, predicted cross, the line between."""
-    fig = new_figure(2.6, 2.6 / WORST_MAP_ASPECT)
-    ax = fig.add_subplot()
+    fig = Figure(figsize=(2.6, 2.6 / WORST_MAP_ASPECT))
+    ax = fig.add_axes((0.0, 0.0, 1.0, 1.0))  # no labels to lay out: the frame fills the figure
     ax.set_gid("map")
     draw_borders(ax, scale=0.8)
     draw_pairs(ax, pl.DataFrame([row]), marker_scale=2.0, line_alpha=0.9, colours=WORST_MAP_COLOURS)
