@@ -75,7 +75,7 @@ LOWER48: Frame = (-125.5, -66.0, 23.5, 50.0)
 INSETS: dict[str, Frame] = {"Alaska": (-170.0, -129.0, 51.0, 71.5), "Hawaii": (-160.5, -154.5, 18.5, 22.5)}
 # Inset rectangles in the main map's axes fraction: bottom left, over the Pacific and Mexico.
 INSET_BOXES = {"Alaska": (0.0, 0.0, 0.24, 0.27), "Hawaii": (0.25, 0.0, 0.13, 0.13)}
-BORDER_STYLE = dict(colors="0.62", linewidths=0.6, zorder=1.5)  # above the faint background, below the points
+BORDER_STYLE = {"colors": "0.62", "linewidths": 0.6, "zorder": 1.5}  # above the faint background, below the points
 # Artist ids: what a reader of a figure (the tests) looks up.
 GID_BORDERS, GID_TRUTH, GID_PRED, GID_ERRORS = "state-borders", "truth", "prediction", "error-lines"
 
@@ -380,7 +380,7 @@ def set_lonlat_frame(ax: Axes, frame: Frame) -> None:
 
 def draw_borders(ax: Axes, scale: float = 1.0) -> None:
     """The 50 states' outlines (US Census cartographic boundaries; see geoscout/borders.py)."""
-    style = dict(BORDER_STYLE, linewidths=BORDER_STYLE["linewidths"] * scale)
+    style = {**BORDER_STYLE, "linewidths": BORDER_STYLE["linewidths"] * scale}
     ax.add_collection(LineCollection(border_lines(), gid=GID_BORDERS, **style), autolim=False)
 
 
@@ -520,7 +520,7 @@ def cdf_figure(km: np.ndarray) -> Figure:
         ax.plot([t], [reached], "o", color="#c0392b", ms=5)
         # Vertical along each mark: the marks are too close on a log axis for level labels.
         ax.annotate(f"≤{t:,} km: {reached:.0%}", (t, 0.02), xytext=(3, 0), textcoords="offset points",
-                    rotation=90, va="bottom", fontsize=9, bbox=dict(fc="white", ec="none", alpha=0.8, pad=1))
+                    rotation=90, va="bottom", fontsize=9, bbox={"fc": "white", "ec": "none", "alpha": 0.8, "pad": 1})
     ax.set_xscale("log")
     upper = max(5000.0, float(xs[-1]) * 1.2)
     ticks = [10.0**k for k in range(-1, int(math.log10(upper)) + 1)]
@@ -725,11 +725,11 @@ def ensemble_table(ensemble: dict) -> str:
 def ensemble_note(ensemble: dict) -> str:
     folds = ensemble.get("folds")
     fold_text = f"{folds}-fold " if folds else ""
-    texts = [
+    texts = [(
         f"Weights and temperatures were chosen on {fold_text}out-of-fold predictions of the training rows. "
         "Out-of-fold numbers are slightly optimistic: each fold's model stopped early on that fold's rows. "
         "The validation rows (Scores above) were touched by no choice."
-    ]
+    )]
     if "regressor" in ensemble:
         texts.append("Coordinates: the residual GPS regressor was " + ("kept." if ensemble["regressor"] else "dropped."))
     if ensemble.get("retrieval_weight") is not None:

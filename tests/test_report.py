@@ -22,9 +22,26 @@ from geoscout.errors import GeoscoutError
 from geoscout.geo import haversine_km
 from geoscout.metric import METRIC_KEYS, score_predictions
 from geoscout.report import (
-    GID_BORDERS, GID_ERRORS, GID_PRED, GID_TRUTH, INSETS, LOWER48, TEST_SPLIT_LABEL,
-    build_report, ensemble_figure, find_artist, load_inputs, map_figure, map_points, per_state_figure,
-    per_state_stats, read_tile, state_confusion, confusion_figure, train_images, worst_map_figure,
+    GID_BORDERS,
+    GID_ERRORS,
+    GID_PRED,
+    GID_TRUTH,
+    INSETS,
+    LOWER48,
+    TEST_SPLIT_LABEL,
+    build_report,
+    confusion_figure,
+    ensemble_figure,
+    find_artist,
+    load_inputs,
+    map_figure,
+    map_points,
+    per_state_figure,
+    per_state_stats,
+    read_tile,
+    state_confusion,
+    train_images,
+    worst_map_figure,
 )
 from geoscout.states import STATES
 
@@ -470,7 +487,7 @@ def test_missing_data_folder_skips_thumbnails(tmp_path):
 @pytest.fixture
 def one_view(synth_dir) -> tuple[Path, str]:
     images = synth_dir / "train_images"
-    return images, sorted(p.name for p in images.glob("*.jpg"))[0]
+    return images, min(p.name for p in images.glob("*.jpg"))
 
 
 @pytest.mark.parametrize("limit, why", [(100, "decompression-bomb"), (40_000, "decompression-bomb")])
