@@ -1,8 +1,18 @@
 """`geoscout report WORK_DIR`: one self-contained, offline HTML page about a finished run.
 
-Reads what `geoscout run` leaves in WORK_DIR (run.json, eval/, store/train.samples.csv) and writes
-WORK_DIR/report/index.html with every plot inline as a base64 PNG, plus the same PNGs beside it.
-Plots use matplotlib's object API (Figure, no pyplot), so no global backend is touched.
+Reads what `geoscout run` leaves in WORK_DIR and writes WORK_DIR/report/index.html with every plot
+inline as a base64 PNG, plus the same PNGs beside it. The inputs (see load_inputs):
+
+    run.json                    data folder, synthetic/random flags, backbones, presets, final model
+    eval/scores.json            {"PRESET/MODEL" | "baseline": {metric: value}} on the validation rows
+    eval/test_scores.json       optional, same shape, on the test split (only synthetic data has test truth)
+    eval/val_predictions.csv    the final model's validation predictions (VAL_COLUMNS)
+    eval/ensemble.json          optional: members with weights, temperatures and out-of-fold scores
+    eval/ablation.json          optional: `geoscout ablate --work WORK`
+    store/train.samples.csv     optional: training locations, the map's background
+
+Each plot is built by a function that returns its matplotlib Figure (object API, no pyplot, so no
+global backend is touched), which the section then saves; tests inspect the figures themselves.
 """
 
 from __future__ import annotations
@@ -13,6 +23,7 @@ import html
 import io
 import json
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,10 +33,14 @@ from matplotlib.axes import Axes
 from matplotlib.collections import LineCollection
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
+from sklearn.metrics import confusion_matrix
 
-from .competition import IMAGE_COLUMNS, VIEWS
+from .borders import border_lines
+from .competition import IMAGE_COLUMNS, IMAGE_DIRS, TRAIN_CSV, VIEWS
+from .data import resolve_image
 from .errors import GeoscoutError, MissingFileError
+from .images import ImageError, decode_rgb
 from .metric import DISTANCE_THRESHOLDS_KM, METRIC_KEYS
 from .states import STATES
 
@@ -39,6 +54,7 @@ VAL_COLUMNS = (
     "sample_id", "true_state_idx", "true_latitude", "true_longitude",
     *PRED_STATE_COLUMNS, "pred_latitude", "pred_longitude", "km",
 )
+TEST_SPLIT_LABEL = "test split (synthetic data only: the competition keeps its test truth)"
 # Label, number format, and whether higher is better (None: not ranked) per metric key.
 METRIC_FORMATS: dict[str, tuple[str, str, bool | None]] = {
     "score": ("Score", "{:.4f}", True),
@@ -54,19 +70,24 @@ METRIC_FORMATS: dict[str, tuple[str, str, bool | None]] = {
 }
 assert tuple(METRIC_FORMATS) == METRIC_KEYS
 # Plain lon/lat frames (lon_min, lon_max, lat_min, lat_max): the lower 48, and insets for the rest.
-LOWER48 = (-125.5, -66.0, 23.5, 50.0)
-INSETS = {"Alaska": (-170.0, -129.0, 51.0, 71.5), "Hawaii": (-160.5, -154.5, 18.5, 22.5)}
+Frame = tuple[float, float, float, float]
+LOWER48: Frame = (-125.5, -66.0, 23.5, 50.0)
+INSETS: dict[str, Frame] = {"Alaska": (-170.0, -129.0, 51.0, 71.5), "Hawaii": (-160.5, -154.5, 18.5, 22.5)}
 # Inset rectangles in the main map's axes fraction: bottom left, over the Pacific and Mexico.
 INSET_BOXES = {"Alaska": (0.0, 0.0, 0.24, 0.27), "Hawaii": (0.25, 0.0, 0.13, 0.13)}
+BORDER_STYLE = {"colors": "0.62", "linewidths": 0.6, "zorder": 1.5}  # above the faint background, below the points
+# Artist ids: what a reader of a figure (the tests) looks up.
+GID_BORDERS, GID_TRUTH, GID_PRED, GID_ERRORS = "state-borders", "truth", "prediction", "error-lines"
 
 
 @dataclass(frozen=True)
 class RunInputs:
     work_dir: Path
     run: dict  # run.json; {} when absent
-    scores: dict[str, dict[str, float]]
+    scores: dict[str, dict[str, float]]  # validation
+    test_scores: dict[str, dict[str, float]] | None  # test split, synthetic data only
     val: pl.DataFrame
-    alpha: dict | None
+    ensemble: dict | None
     train: pl.DataFrame | None
     ablation: dict | None  # eval/ablation.json from `geoscout ablate --work WORK`
 
@@ -84,7 +105,7 @@ def build_report(work_dir: Path) -> Path:
     inputs = load_inputs(Path(work_dir))
     out_dir = inputs.work_dir / REPORT_DIR
     out_dir.mkdir(parents=True, exist_ok=True)
-    for stale in out_dir.glob("*.png"):  # a previous report's plots must not outlive it (e.g. worst_08.png)
+    for stale in out_dir.glob("*.png"):  # a previous report's plots must not outlive it (e.g. worst_map_08.png)
         stale.unlink()
     sections = [
         scores_section(inputs),
@@ -92,7 +113,7 @@ def build_report(work_dir: Path) -> Path:
         cdf_section(inputs, out_dir),
         confusion_section(inputs, out_dir),
         per_state_section(inputs, out_dir),
-        alpha_section(inputs, out_dir),
+        ensemble_section(inputs, out_dir),
         worst_section(inputs, out_dir),
         *([ablation_section(inputs.ablation)] if inputs.ablation else []),
     ]
@@ -105,14 +126,16 @@ def build_report(work_dir: Path) -> Path:
 
 
 def load_inputs(work_dir: Path) -> RunInputs:
+    eval_dir = work_dir / "eval"
     return RunInputs(
         work_dir=work_dir,
         run=_read_optional_json(work_dir / "run.json") or {},
-        scores=_read_required_json(work_dir / "eval" / "scores.json"),
-        val=read_val_predictions(work_dir / "eval" / "val_predictions.csv"),
-        alpha=_read_optional_json(work_dir / "eval" / "alpha_curve.json"),
+        scores=_read_required_json(eval_dir / "scores.json"),
+        test_scores=_read_optional_json(eval_dir / "test_scores.json"),
+        val=read_val_predictions(eval_dir / "val_predictions.csv"),
+        ensemble=read_ensemble(eval_dir / "ensemble.json"),
         train=_read_train_samples(work_dir / "store" / "train.samples.csv"),
-        ablation=_read_optional_json(work_dir / "eval" / "ablation.json"),
+        ablation=_read_optional_json(eval_dir / "ablation.json"),
     )
 
 
@@ -121,13 +144,20 @@ def _require_file(path: Path) -> None:
         raise MissingFileError(f"{path}: file not found; the report needs it (run `geoscout run` first)")
 
 
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise GeoscoutError(f"{path}: not valid JSON ({exc})") from None
+
+
 def _read_required_json(path: Path) -> dict:
     _require_file(path)
-    return json.loads(path.read_text(encoding="utf-8"))
+    return _read_json(path)
 
 
 def _read_optional_json(path: Path) -> dict | None:
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+    return _read_json(path) if path.is_file() else None
 
 
 def read_val_predictions(path: Path) -> pl.DataFrame:
@@ -139,6 +169,21 @@ def read_val_predictions(path: Path) -> pl.DataFrame:
     if val.height == 0:
         raise GeoscoutError(f"{path}: no rows; the report needs validation predictions")
     return val
+
+
+def read_ensemble(path: Path) -> dict | None:
+    """eval/ensemble.json, checked for what the section draws: every member's name and weight."""
+    ensemble = _read_optional_json(path)
+    if ensemble is None:
+        return None
+    members = ensemble.get("members")
+    if not isinstance(members, list) or not members:
+        raise GeoscoutError(f"{path}: 'members' must be a non-empty list")
+    for i, member in enumerate(members):
+        for key in ("name", "weight"):
+            if key not in member:
+                raise GeoscoutError(f"{path}: members[{i}] has no {key!r}")
+    return ensemble
 
 
 def _read_train_samples(path: Path) -> pl.DataFrame | None:
@@ -204,7 +249,12 @@ def top1_states(val: pl.DataFrame) -> np.ndarray:
     return val["pred_state_idx_1"].to_numpy()
 
 
-# ---------------------------------------------------------------- 1. scores table
+def find_artist(ax: Axes, gid: str):
+    """The collection an id was given to (see the GID_ names), or None."""
+    return next((c for c in ax.collections if c.get_gid() == gid), None)
+
+
+# ---------------------------------------------------------------- 1. scores tables
 
 
 def split_model_key(key: str) -> tuple[str, str]:
@@ -213,14 +263,14 @@ def split_model_key(key: str) -> tuple[str, str]:
     return preset, model
 
 
-def score_rows_order(scores: dict, presets: list[str]) -> list[str]:
+def score_rows_order(keys, presets: list[str]) -> list[str]:
     """Ensemble first, heads by name, baseline last; presets of one model side by side, in run order."""
     def rank(key: str) -> tuple:
         preset, model = split_model_key(key)
         group = 0 if model == "ensemble" else 2 if model == "baseline" else 1
         preset_rank = presets.index(preset) if preset in presets else len(presets)
         return group, model, preset_rank, preset
-    return sorted(scores, key=rank)
+    return sorted(keys, key=rank)
 
 
 def best_values(scores: dict) -> dict[str, float]:
@@ -237,31 +287,39 @@ def format_metric(key: str, value: float | None) -> str:
     return "–" if value is None else METRIC_FORMATS[key][1].format(value)
 
 
-def score_row_html(key: str, metrics: dict, best: dict[str, float], final_model: str) -> str:
+def score_row_html(key: str, split: str | None, metrics: dict, best: dict[str, float], final_model: str) -> str:
+    """One model's row; `split` is None when the table has only validation rows (no split column)."""
     preset, model = split_model_key(key)
     cells = []
     for metric in METRIC_KEYS:
         value = metrics.get(metric)
         is_best = value is not None and metric in best and math.isclose(value, best[metric], rel_tol=1e-9)
         cells.append(f'<td class="{"best" if is_best else ""}">{format_metric(metric, value)}</td>')
-    final = ' class="final"' if key == final_model else ""
+    classes = " ".join(c for c in ("final" if key == final_model else "", split or "") if c)
+    split_cell = f'<td class="split">{split}</td>' if split else ""
     marker = " ★" if key == final_model else ""
-    return (f'<tr{final} data-model="{html.escape(key)}"><th scope="row">{html.escape(model)}{marker}</th>'
-            f"<td>{html.escape(preset or '–')}</td>" + "".join(cells) + "</tr>")
+    return (f'<tr class="{classes}" data-model="{html.escape(key)}" data-split="{split or "validation"}">'
+            f'<th scope="row">{html.escape(model)}{marker}</th>'
+            f"<td>{html.escape(preset or '–')}</td>{split_cell}" + "".join(cells) + "</tr>")
 
 
 def scores_table(inputs: RunInputs) -> str:
-    best = best_values(inputs.scores)
+    """Validation rows; with test scores, each model's test row right below its validation row."""
+    splits = {"validation": inputs.scores, **({"test": inputs.test_scores} if inputs.test_scores else {})}
+    best = {split: best_values(scores) for split, scores in splits.items()}
     final_model = inputs.run.get("final_model", "")
+    keys = score_rows_order(set().union(*splits.values()), list(inputs.run.get("presets", [])))
+    with_split = len(splits) > 1
     header = "".join(
         f'<th data-metric="{key}" title="{key}">{html.escape(label)}</th>' for key, (label, _, _) in METRIC_FORMATS.items()
     )
     rows = [
-        score_row_html(key, inputs.scores[key], best, final_model)
-        for key in score_rows_order(inputs.scores, list(inputs.run.get("presets", [])))
+        score_row_html(key, split if with_split else None, scores[key], best[split], final_model)
+        for key in keys for split, scores in splits.items() if key in scores
     ]
-    return ('<div class="scroll"><table class="scores">\n<thead><tr><th>Model</th><th>Preset</th>' + header
-            + "</tr></thead>\n<tbody>\n" + "\n".join(rows) + "\n</tbody></table></div>")
+    split_header = '<th class="split">Split</th>' if with_split else ""
+    return ('<div class="scroll"><table class="scores">\n<thead><tr><th>Model</th><th>Preset</th>' + split_header
+            + header + "</tr></thead>\n<tbody>\n" + "\n".join(rows) + "\n</tbody></table></div>")
 
 
 def presets_note(inputs: RunInputs) -> str:
@@ -278,7 +336,16 @@ def scores_section(inputs: RunInputs) -> str:
         "the baseline predicts the most frequent state and its centroid. Best value per column in bold; "
         "★ marks the final model. " + presets_note(inputs)
     )
-    return section("scores", "Scores", explain, scores_table(inputs))
+    held_out = note(
+        "The validation rows were held out from every fit and every choice: ensemble weights, temperatures, "
+        "the retrieval share and the keep-or-drop decisions were made on out-of-fold predictions of the "
+        "training rows."
+    )
+    body = [explain, held_out]
+    if inputs.test_scores:
+        body.append(f'<p class="test-label"><strong>Rows marked “test”: {html.escape(TEST_SPLIT_LABEL)}.</strong> '
+                    "No fit and no choice saw those locations; each sits right below the same model's validation row.</p>")
+    return section("scores", "Scores", *body, scores_table(inputs))
 
 
 # ---------------------------------------------------------------- 2. map
@@ -298,17 +365,23 @@ def map_points(inputs: RunInputs) -> MapPoints:
     return MapPoints(val, inputs.train)
 
 
-def frame_has_points(frame: tuple[float, float, float, float], lats: np.ndarray, lons: np.ndarray) -> bool:
+def in_frame(frame: Frame, lats: np.ndarray, lons: np.ndarray) -> np.ndarray:
     lon0, lon1, lat0, lat1 = frame
-    return bool(np.any((lons >= lon0) & (lons <= lon1) & (lats >= lat0) & (lats <= lat1)))
+    return (lons >= lon0) & (lons <= lon1) & (lats >= lat0) & (lats <= lat1)
 
 
-def set_lonlat_frame(ax: Axes, frame: tuple[float, float, float, float]) -> None:
+def set_lonlat_frame(ax: Axes, frame: Frame) -> None:
     """Plain lon/lat with aspect 1/cos(mid latitude): east-west distances look right near that latitude."""
     lon0, lon1, lat0, lat1 = frame
     ax.set_xlim(lon0, lon1)
     ax.set_ylim(lat0, lat1)
     ax.set_aspect(1.0 / math.cos(math.radians((lat0 + lat1) / 2)))
+
+
+def draw_borders(ax: Axes, scale: float = 1.0) -> None:
+    """The 50 states' outlines (US Census cartographic boundaries; see geoscout/borders.py)."""
+    style = {**BORDER_STYLE, "linewidths": BORDER_STYLE["linewidths"] * scale}
+    ax.add_collection(LineCollection(border_lines(), gid=GID_BORDERS, **style), autolim=False)
 
 
 def draw_training_background(ax: Axes, train: pl.DataFrame, marker_scale: float) -> None:
@@ -319,19 +392,28 @@ def draw_training_background(ax: Axes, train: pl.DataFrame, marker_scale: float)
                alpha=alpha, linewidths=0, rasterized=True, zorder=1)
 
 
-def draw_locations(ax: Axes, points: MapPoints, marker_scale: float) -> None:
-    """Training background (state-coloured, faint), error lines, truth dots and predicted crosses."""
-    val = points.val
-    if points.train is not None:
-        draw_training_background(ax, points.train, marker_scale)
+def draw_pairs(ax: Axes, val: pl.DataFrame, marker_scale: float, line_alpha: float = 0.55,
+               colours: tuple[str, str] | None = None) -> None:
+    """Error lines, truth dots and predicted crosses; coloured by true and top-1 state unless `colours` are given."""
     true_xy = np.column_stack([val["true_longitude"], val["true_latitude"]])
     pred_xy = np.column_stack([val["pred_longitude"], val["pred_latitude"]])
     lines = np.stack([true_xy, pred_xy], axis=1)
-    ax.add_collection(LineCollection(lines, colors="0.25", linewidths=0.5, alpha=0.45, zorder=2))
-    ax.scatter(true_xy[:, 0], true_xy[:, 1], s=16 * marker_scale, c=[state_colour(s) for s in true_states(val)],
-               edgecolors="black", linewidths=0.4, zorder=3)
-    ax.scatter(pred_xy[:, 0], pred_xy[:, 1], s=22 * marker_scale, marker="x",
-               c=[state_colour(s) for s in top1_states(val)], linewidths=1.1, zorder=4)
+    ax.add_collection(LineCollection(lines, colors="0.15", linewidths=0.6 * marker_scale, alpha=line_alpha, zorder=2,
+                                     gid=GID_ERRORS),
+                      autolim=False)
+    true_c, pred_c = colours or ([state_colour(s) for s in true_states(val)], [state_colour(s) for s in top1_states(val)])
+    ax.scatter(true_xy[:, 0], true_xy[:, 1], s=16 * marker_scale, c=true_c,
+               edgecolors="black", linewidths=0.4, zorder=3, gid=GID_TRUTH)
+    ax.scatter(pred_xy[:, 0], pred_xy[:, 1], s=22 * marker_scale, marker="x", c=pred_c, linewidths=1.1, zorder=4,
+               gid=GID_PRED)
+
+
+def draw_locations(ax: Axes, points: MapPoints, marker_scale: float) -> None:
+    """Training background (state-coloured, faint), state borders, then the validation pairs."""
+    if points.train is not None:
+        draw_training_background(ax, points.train, marker_scale)
+    draw_borders(ax, scale=marker_scale)
+    draw_pairs(ax, points.val, marker_scale)
 
 
 def map_legend(fig: Figure, val: pl.DataFrame) -> None:
@@ -339,7 +421,8 @@ def map_legend(fig: Figure, val: pl.DataFrame) -> None:
     keys = [
         Line2D([], [], marker="o", ls="", color="0.6", markeredgecolor="black", label="truth"),
         Line2D([], [], marker="x", ls="", color="0.3", label="prediction (top-1 colour)"),
-        Line2D([], [], color="0.25", lw=0.8, label="error"),
+        Line2D([], [], color="0.15", alpha=0.55, lw=0.8, label="error"),
+        Line2D([], [], color=BORDER_STYLE["colors"], lw=0.8, label="state border"),
     ]
     states = [Line2D([], [], marker="s", ls="", color=state_colour(s), label=state_label(s)) for s in shown]
     # Below the map, so the map keeps the full width.
@@ -361,30 +444,47 @@ def add_insets(ax: Axes, points: MapPoints) -> list[str]:
     lats, lons = all_coordinates(points)
     drawn = []
     for name, frame in INSETS.items():
-        if not frame_has_points(frame, lats, lons):
+        if not in_frame(frame, lats, lons).any():
             continue
         inset = ax.inset_axes(INSET_BOXES[name])
+        inset.set_gid(f"inset-{name}")
+        inset.set_facecolor("white")
         draw_locations(inset, points, marker_scale=0.6)
         set_lonlat_frame(inset, frame)
         inset.set_xticks([])
         inset.set_yticks([])
         inset.set_title(name, fontsize=8, pad=2)
-        inset.set_facecolor("white")
         drawn.append(name)
     return drawn
 
 
-def outside_count(val: pl.DataFrame, frames: list[tuple[float, float, float, float]]) -> int:
+def outside_count(val: pl.DataFrame, frames: list[Frame]) -> int:
     """Predictions that fall in none of the drawn frames (drawn off the map)."""
     lats, lons = val["pred_latitude"].to_numpy(), val["pred_longitude"].to_numpy()
     inside = np.zeros(len(lats), dtype=bool)
-    for lon0, lon1, lat0, lat1 in frames:
-        inside |= (lons >= lon0) & (lons <= lon1) & (lats >= lat0) & (lats <= lat1)
+    for frame in frames:
+        inside |= in_frame(frame, lats, lons)
     return int((~inside).sum())
 
 
+def map_figure(points: MapPoints) -> tuple[Figure, list[str]]:
+    """The lower 48 with state borders, plus Alaska/Hawaii insets where needed; returns the insets drawn."""
+    fig = new_figure(12, 8.2)
+    ax = fig.add_subplot()
+    ax.set_gid("map")
+    draw_locations(ax, points, marker_scale=1.0)
+    set_lonlat_frame(ax, LOWER48)
+    ax.set_xlabel("longitude (°)")
+    ax.set_ylabel("latitude (°)")
+    ax.set_title(f"Validation predictions vs truth ({points.val.height:,} locations)")
+    tidy(ax)
+    insets = add_insets(ax, points)
+    map_legend(fig, points.val)
+    return fig, insets
+
+
 def map_caption(inputs: RunInputs, points: MapPoints, insets: list[str]) -> str:
-    texts = ["Dots: true locations; crosses: predictions; grey lines join them."]
+    texts = ["Dots: true locations; crosses: predictions; dark lines join them; grey outlines: state borders."]
     if points.val.height < inputs.val.height:
         texts.append(f"A fixed random sample of {points.val.height:,} of the {inputs.val.height:,} locations is drawn.")
     texts.append("Faint background: training locations, coloured by state." if points.train is not None
@@ -399,16 +499,7 @@ def map_caption(inputs: RunInputs, points: MapPoints, insets: list[str]) -> str:
 
 def map_section(inputs: RunInputs, out_dir: Path) -> str:
     points = map_points(inputs)
-    fig = new_figure(12, 8.2)
-    ax = fig.add_subplot()
-    draw_locations(ax, points, marker_scale=1.0)
-    set_lonlat_frame(ax, LOWER48)
-    ax.set_xlabel("longitude (°)")
-    ax.set_ylabel("latitude (°)")
-    ax.set_title(f"Validation predictions vs truth ({points.val.height:,} locations)")
-    tidy(ax)
-    insets = add_insets(ax, points)
-    map_legend(fig, points.val)
+    fig, insets = map_figure(points)
     plot = save_plot(fig, out_dir, "map.png")
     return section("map", "Map of validation predictions", note(map_caption(inputs, points, insets)), img_tag(plot, "map"))
 
@@ -416,8 +507,7 @@ def map_section(inputs: RunInputs, out_dir: Path) -> str:
 # ---------------------------------------------------------------- 3. error CDF
 
 
-def cdf_section(inputs: RunInputs, out_dir: Path) -> str:
-    km = inputs.val["km"].to_numpy()
+def cdf_figure(km: np.ndarray) -> Figure:
     floor = 0.1  # a log axis has no zero: exact hits sit at 0.1 km
     xs = np.sort(np.maximum(km, floor))
     ys = np.arange(1, len(xs) + 1) / len(xs)
@@ -430,7 +520,7 @@ def cdf_section(inputs: RunInputs, out_dir: Path) -> str:
         ax.plot([t], [reached], "o", color="#c0392b", ms=5)
         # Vertical along each mark: the marks are too close on a log axis for level labels.
         ax.annotate(f"≤{t:,} km: {reached:.0%}", (t, 0.02), xytext=(3, 0), textcoords="offset points",
-                    rotation=90, va="bottom", fontsize=9, bbox=dict(fc="white", ec="none", alpha=0.8, pad=1))
+                    rotation=90, va="bottom", fontsize=9, bbox={"fc": "white", "ec": "none", "alpha": 0.8, "pad": 1})
     ax.set_xscale("log")
     upper = max(5000.0, float(xs[-1]) * 1.2)
     ticks = [10.0**k for k in range(-1, int(math.log10(upper)) + 1)]
@@ -442,24 +532,33 @@ def cdf_section(inputs: RunInputs, out_dir: Path) -> str:
     ax.set_title(f"Error CDF: median {np.median(km):,.0f} km, mean {km.mean():,.0f} km")
     ax.grid(axis="y", color="0.92")
     tidy(ax)
-    plot = save_plot(fig, out_dir, "error_cdf.png")
+    return fig
+
+
+def cdf_section(inputs: RunInputs, out_dir: Path) -> str:
+    plot = save_plot(cdf_figure(inputs.val["km"].to_numpy()), out_dir, "error_cdf.png")
     return section("cdf", "Error distance CDF", img_tag(plot, "error CDF"))
 
 
 # ---------------------------------------------------------------- 4. confusion matrix
 
 
-def confusion_matrix(truth: np.ndarray, pred: np.ndarray, states: list[int]) -> np.ndarray:
-    """Counts, rows truth and columns top-1 prediction, over the given state order."""
-    position = {s: i for i, s in enumerate(states)}
-    counts = np.zeros((len(states), len(states)))
-    np.add.at(counts, ([position[s] for s in truth], [position[s] for s in pred]), 1)
-    return counts
+@dataclass(frozen=True)
+class Confusion:
+    states: list[int]  # the order of rows and columns: every state that is true or predicted
+    counts: np.ndarray  # (S, S) rows truth, columns top-1 prediction
+
+    @property
+    def fractions(self) -> np.ndarray:
+        """Each row normalised to its true state's locations (0 for a state never true)."""
+        totals = self.counts.sum(axis=1, keepdims=True)
+        return np.divide(self.counts, totals, out=np.zeros(self.counts.shape), where=totals > 0)
 
 
-def row_normalise(counts: np.ndarray) -> np.ndarray:
-    totals = counts.sum(axis=1, keepdims=True)
-    return np.divide(counts, totals, out=np.zeros_like(counts), where=totals > 0)
+def state_confusion(val: pl.DataFrame) -> Confusion:
+    truth, pred = true_states(val), top1_states(val)
+    states = sorted(set(truth.tolist()) | set(pred.tolist()))
+    return Confusion(states, confusion_matrix(truth, pred, labels=states))
 
 
 def annotate_cells(ax: Axes, matrix: np.ndarray) -> None:
@@ -469,11 +568,8 @@ def annotate_cells(ax: Axes, matrix: np.ndarray) -> None:
                     color="white" if value > 0.55 else "black")
 
 
-def confusion_section(inputs: RunInputs, out_dir: Path) -> str:
-    truth, pred = true_states(inputs.val), top1_states(inputs.val)
-    states = sorted(set(truth) | set(pred))
-    counts = confusion_matrix(truth, pred, states)
-    matrix = row_normalise(counts)
+def confusion_figure(confusion: Confusion) -> Figure:
+    states, matrix = confusion.states, confusion.fractions
     side = 3.0 + 0.3 * len(states)
     fig = new_figure(side + 1.5, side)
     ax = fig.add_subplot()
@@ -481,13 +577,17 @@ def confusion_section(inputs: RunInputs, out_dir: Path) -> str:
     if len(states) <= 24:  # numbers stay legible up to about this size
         annotate_cells(ax, matrix)
     ax.set_xticks(range(len(states)), [state_label(s) for s in states], rotation=90, fontsize=8)
-    ax.set_yticks(range(len(states)), [f"{state_label(s)} ({int(n)})" for s, n in zip(states, counts.sum(axis=1))],
-                  fontsize=8)
+    row_counts = confusion.counts.sum(axis=1)
+    ax.set_yticks(range(len(states)), [f"{state_label(s)} ({n})" for s, n in zip(states, row_counts)], fontsize=8)
     ax.set_xlabel("predicted state (top-1)")
     ax.set_ylabel("true state (validation count)")
     ax.set_title("State confusion, each row normalised (%)")
     fig.colorbar(image, ax=ax, shrink=0.6, label="fraction of the true state's locations")
-    plot = save_plot(fig, out_dir, "confusion.png")
+    return fig
+
+
+def confusion_section(inputs: RunInputs, out_dir: Path) -> str:
+    plot = save_plot(confusion_figure(state_confusion(inputs.val)), out_dir, "confusion.png")
     return section("confusion", "State confusion matrix", img_tag(plot, "confusion matrix"))
 
 
@@ -524,10 +624,11 @@ def state_bars(ax: Axes, stats: StateStats, values: np.ndarray, order: np.ndarra
     tidy(ax)
 
 
-def per_state_section(inputs: RunInputs, out_dir: Path) -> str:
-    stats = per_state_stats(inputs.val)
+def per_state_figure(stats: StateStats) -> Figure:
     fig = new_figure(12, 1.6 + 0.26 * len(stats.state_idx))
     left, right = fig.subplots(1, 2)
+    left.set_gid("accuracy")
+    right.set_gid("mean-km")
     state_bars(left, stats, stats.accuracy, np.argsort(-stats.accuracy, kind="stable"), "{:.0%}  n={}")
     left.set_xlim(0, 1.18)  # room for the labels beyond a full bar
     left.set_xlabel("top-1 accuracy")
@@ -536,38 +637,115 @@ def per_state_section(inputs: RunInputs, out_dir: Path) -> str:
     right.set_xlim(0, max(float(stats.mean_km.max()), 1.0) * 1.3)
     right.set_xlabel("mean error (km)")
     right.set_title("Mean error per true state")
-    plot = save_plot(fig, out_dir, "per_state.png")
+    return fig
+
+
+def per_state_section(inputs: RunInputs, out_dir: Path) -> str:
+    plot = save_plot(per_state_figure(per_state_stats(inputs.val)), out_dir, "per_state.png")
     return section("per-state", "Per-state accuracy and error", img_tag(plot, "per-state accuracy and mean km"))
 
 
-# ---------------------------------------------------------------- 6. ensemble alpha curve
+# ---------------------------------------------------------------- 6. ensemble members
+
+KIND_COLOURS = {"classifier": "#1f5fa8", "probe": "#e08a1e"}
+OOF_KEYS = (("score", "OOF score"), ("top1_accuracy", "OOF top-1"), ("mean_km", "OOF mean km"), ("nll", "OOF NLL"))
 
 
-def alpha_section(inputs: RunInputs, out_dir: Path) -> str:
-    title = "Ensemble α curve"
-    if inputs.alpha is None:
-        return section("alpha", title, note(
-            "No eval/alpha_curve.json: no ensemble α was fitted (a run with one backbone has none)."))
-    curve = inputs.alpha["curve"]
-    chosen = float(inputs.alpha["chosen_alpha"])
-    alphas = np.array([row["alpha"] for row in curve])
-    fig = new_figure(9, 4.4)
-    ax = fig.add_subplot()
-    for key, label, style in (("score", "score", "-"), ("classification_score", "classification", "--"),
-                              ("gps_score", "GPS", ":")):
-        ax.plot(alphas, [row[key] for row in curve], style, lw=2 if key == "score" else 1.3, label=label)
-    chosen_score = float(np.interp(chosen, alphas, [row["score"] for row in curve]))
-    ax.axvline(chosen, color="#c0392b", lw=1)
-    ax.annotate(f"chosen α = {chosen:.2f}\nscore {chosen_score:.4f}", (chosen, chosen_score), xytext=(8, -30),
-                textcoords="offset points", fontsize=9, color="#c0392b")
-    ax.set_xlabel("α (weight of the first ensemble member's logits)")
-    ax.set_ylabel("validation score")
-    ax.set_xlim(0, 1)
-    ax.set_title("Competition score vs ensemble α")
-    ax.legend(frameon=False, fontsize=9)
-    tidy(ax)
-    plot = save_plot(fig, out_dir, "alpha_curve.png")
-    return section("alpha", title, img_tag(plot, "alpha curve"))
+def members_by_weight(ensemble: dict) -> list[dict]:
+    return sorted(ensemble["members"], key=lambda m: -float(m["weight"]))
+
+
+def ensemble_figure(ensemble: dict) -> Figure:
+    """Left: each member's weight (bars, heaviest on top). Right: each member's out-of-fold score, and the ensemble's."""
+    members = members_by_weight(ensemble)
+    positions = np.arange(len(members))
+    fig = new_figure(11, 1.5 + 0.36 * len(members))
+    weights_ax, scores_ax = fig.subplots(1, 2, sharey=True, width_ratios=[1.25, 1])
+    weights_ax.set_gid("weights")
+    scores_ax.set_gid("oof-scores")
+    weights = np.array([float(m["weight"]) for m in members])
+    weights_ax.barh(positions, weights, color=[KIND_COLOURS.get(m.get("kind"), "0.5") for m in members])
+    for y, w in zip(positions, weights):
+        weights_ax.annotate(f"{w:.2f}", (w, y), xytext=(3, 0), textcoords="offset points", va="center", fontsize=8)
+    weights_ax.set_yticks(positions, [m["name"] for m in members], fontsize=8)
+    weights_ax.invert_yaxis()
+    weights_ax.set_xlim(0, max(float(weights.max()), 1e-9) * 1.2)
+    weights_ax.set_xlabel("weight in the ensemble")
+    weights_ax.set_title("Member weights (blue: classifier, orange: probe)", fontsize=10)
+    tidy(weights_ax)
+
+    scored = [(y, float(m["oof"]["score"])) for y, m in zip(positions, members) if "score" in m.get("oof", {})]
+    if scored:
+        ys, values = zip(*scored)
+        scores_ax.scatter(values, ys, color="#1f5fa8", zorder=3, gid="member-oof")
+        for y, v in scored:
+            scores_ax.annotate(f"{v:.4f}", (v, y), xytext=(6, 0), textcoords="offset points", va="center", fontsize=8)
+    ensemble_score = ensemble.get("oof", {}).get("score")
+    if ensemble_score is not None:
+        scores_ax.axvline(ensemble_score, color="#c0392b", lw=1.5, gid="ensemble-oof")
+        scores_ax.annotate(f"ensemble {ensemble_score:.4f}", (ensemble_score, 1.0), xycoords=("data", "axes fraction"),
+                           xytext=(4, -2), textcoords="offset points", va="top", fontsize=8, color="#c0392b")
+    every = [v for _, v in scored] + ([ensemble_score] if ensemble_score is not None else [])
+    if every:
+        low, high = min(every), max(every)
+        pad = max(high - low, 0.01) * 0.25
+        scores_ax.set_xlim(low - pad, high + 2 * pad)  # room on the right for the labels
+    scores_ax.set_xlabel("out-of-fold score (training rows)")
+    scores_ax.set_title("Out-of-fold score per member; red: the ensemble", fontsize=10)
+    scores_ax.grid(axis="x", color="0.92")
+    tidy(scores_ax)
+    return fig
+
+
+def _format_optional(value, fmt: str) -> str:
+    return "–" if value is None else fmt.format(value)
+
+
+def ensemble_table(ensemble: dict) -> str:
+    formats = {"score": "{:.4f}", "top1_accuracy": "{:.3f}", "mean_km": "{:,.0f}", "nll": "{:.3f}"}
+    header = "".join(f"<th>{label}</th>" for _, label in OOF_KEYS)
+
+    def oof_cells(oof: dict) -> str:
+        return "".join(f"<td>{_format_optional(oof.get(k), formats[k])}</td>" for k, _ in OOF_KEYS)
+
+    rows = [
+        f'<tr data-member="{html.escape(m["name"])}"><td>{html.escape(m["name"])}</td>'
+        f"<td>{html.escape(str(m.get('kind', '–')))}</td><td>{html.escape(', '.join(m.get('backbones', [])) or '–')}</td>"
+        f"<td>{float(m['weight']):.3f}</td><td>{_format_optional(m.get('temperature'), '{:.2f}')}</td>"
+        + oof_cells(m.get("oof", {})) + "</tr>"
+        for m in members_by_weight(ensemble)
+    ]
+    total = sum(float(m["weight"]) for m in ensemble["members"])
+    rows.append(f'<tr class="final"><td>ensemble</td><td></td><td></td><td>{total:.3f}</td><td></td>'
+                + oof_cells(ensemble.get("oof", {})) + "</tr>")
+    return ('<div class="scroll"><table class="scores members"><thead><tr><th>Member</th><th>Kind</th><th>Backbones</th>'
+            f"<th>Weight</th><th>Temperature</th>{header}</tr></thead><tbody>\n" + "\n".join(rows) + "\n</tbody></table></div>")
+
+
+def ensemble_note(ensemble: dict) -> str:
+    folds = ensemble.get("folds")
+    fold_text = f"{folds}-fold " if folds else ""
+    texts = [(
+        f"Weights and temperatures were chosen on {fold_text}out-of-fold predictions of the training rows. "
+        "Out-of-fold numbers are slightly optimistic: each fold's model stopped early on that fold's rows. "
+        "The validation rows (Scores above) were touched by no choice."
+    )]
+    if "regressor" in ensemble:
+        texts.append("Coordinates: the residual GPS regressor was " + ("kept." if ensemble["regressor"] else "dropped."))
+    if ensemble.get("retrieval_weight") is not None:
+        texts.append(f"Retrieval share: {float(ensemble['retrieval_weight']):.2f} of the position belief goes to the "
+                     "nearest training locations.")
+    return " ".join(texts)
+
+
+def ensemble_section(inputs: RunInputs, out_dir: Path) -> str:
+    title = "Ensemble members"
+    if inputs.ensemble is None:
+        return section("ensemble", title, note(
+            "No eval/ensemble.json: no ensemble was fitted (a run with one head has no ensemble)."))
+    plot = save_plot(ensemble_figure(inputs.ensemble), out_dir, "ensemble.png")
+    return section("ensemble", title, note(ensemble_note(inputs.ensemble)), img_tag(plot, "ensemble member weights"),
+                   ensemble_table(inputs.ensemble))
 
 
 # ---------------------------------------------------------------- ablation (optional)
@@ -593,84 +771,140 @@ def ablation_section(ablation: dict) -> str:
                       + "</tr></thead><tbody>" + "".join(rows) + "</tbody></table></div>")
     explain = note(
         f"Each recipe trained with {ablation['seeds']} seeds on the same cached features ({', '.join(ablation['backbones'])}); "
-        "mean ± std over the seeds. Validation rows also chose α, temperatures and the retrieval weight; "
-        "test rows (synthetic data only) were never seen."
+        "mean ± std over the seeds. Test rows (synthetic data only) were seen by no fit and no choice."
     )
     return section("ablation", "Ablation: the seed recipe, the default, and the default without each addition", explain, *tables)
 
 
 # ---------------------------------------------------------------- 7. worst errors
 
+WORST_MAP_ASPECT = 1.45  # width / height of each worst error's small map
+WORST_MAP_COLOURS = ("#1f5fa8", "#d62728")  # truth, prediction: fixed, as a pale state colour would vanish
 
-def image_paths(run: dict) -> tuple[dict[str, list[Path]], str | None]:
-    """sample_id -> the four training image paths (N, E, S, W), or an empty map and why."""
+
+@dataclass(frozen=True)
+class TrainImages:
+    images_dir: Path
+    names: dict[str, list[str]]  # sample_id -> the four image names, N/E/S/W, as the CSV gives them
+
+
+def train_images(run: dict) -> tuple[TrainImages | None, str | None]:
+    """The training images' folder and names per sample, or None and why no thumbnails can be shown."""
     if "data_dir" not in run:
-        return {}, "run.json does not name the data folder, so no thumbnails are shown."
+        return None, "run.json does not name the data folder, so no thumbnails are shown."
     data_dir = Path(run["data_dir"]).expanduser()
-    table = data_dir / "train_ground_truth.csv"
+    table = data_dir / TRAIN_CSV
     if not table.is_file():
-        return {}, f"{table} is not available, so no thumbnails are shown."
-    columns = ["sample_id", *IMAGE_COLUMNS]
-    rows = pl.read_csv(table, columns=columns, infer_schema=False)
-    images = data_dir / "train_images"
-    return {sid: [images / name for name in names] for sid, *names in rows.iter_rows()}, None
+        return None, f"{table} is not available, so no thumbnails are shown."
+    rows = pl.read_csv(table, columns=["sample_id", *IMAGE_COLUMNS], infer_schema=False)
+    names = {sid: list(views) for sid, *views in rows.iter_rows()}
+    return TrainImages(data_dir / IMAGE_DIRS["train"], names), None
 
 
-def thumbnail_strip(paths: list[Path]) -> tuple[bytes, int]:
-    """The four views side by side as one PNG, and how many were missing (drawn as grey tiles)."""
-    strip = Image.new("RGB", (THUMB_PX * len(paths), THUMB_PX), "white")
-    missing = 0
-    for i, path in enumerate(paths):
-        try:
-            with Image.open(path) as view:
-                tile = view.convert("RGB").resize((THUMB_PX, THUMB_PX), Image.Resampling.BILINEAR)
-        except OSError:  # absent or unreadable: a placeholder keeps the N/E/S/W order
-            tile = Image.new("RGB", (THUMB_PX, THUMB_PX), (200, 200, 200))
-            ImageDraw.Draw(tile).text((THUMB_PX // 2 - 20, THUMB_PX // 2 - 5), "missing", fill=(90, 90, 90))
-            missing += 1
-        strip.paste(tile, (i * THUMB_PX, 0))
+def read_tile(images_dir: Path, name: str) -> tuple[Image.Image | None, str | None]:
+    """One view as a THUMB_PX tile, or None and why not; never raises for a bad file.
+
+    resolve_image refuses names that escape the folder; decode_rgb turns PIL's OSError/SyntaxError/ValueError
+    into ImageError. A picture over PIL's pixel limit is not decoded: the limit's warning counts as the error.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            pixels = decode_rgb(resolve_image(images_dir, name))
+    except ImageError as exc:
+        return None, str(exc)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        return None, f"more pixels than PIL's decompression-bomb limit ({Image.MAX_IMAGE_PIXELS:,})"
+    return Image.fromarray(pixels).resize((THUMB_PX, THUMB_PX), Image.Resampling.BILINEAR), None
+
+
+def grey_tile() -> Image.Image:
+    tile = Image.new("RGB", (THUMB_PX, THUMB_PX), (200, 200, 200))
+    ImageDraw.Draw(tile).text((THUMB_PX // 2, THUMB_PX // 2), "not shown", fill=(90, 90, 90),
+                              font=ImageFont.load_default(size=14), anchor="mm")
+    return tile
+
+
+def thumbnail_strip(images_dir: Path, names: list[str]) -> tuple[bytes, list[str | None]]:
+    """The four views side by side as one PNG, and per view why it is a grey tile (None: shown)."""
+    strip = Image.new("RGB", (THUMB_PX * len(names), THUMB_PX), "white")
+    problems = []
+    for i, name in enumerate(names):
+        tile, why = read_tile(images_dir, name)
+        strip.paste(tile if tile is not None else grey_tile(), (i * THUMB_PX, 0))
+        problems.append(why)
     buffer = io.BytesIO()
     strip.save(buffer, format="PNG", optimize=True)
-    return buffer.getvalue(), missing
+    return buffer.getvalue(), problems
 
 
-def worst_row_html(rank: int, row: dict, paths: dict[str, list[Path]], out_dir: Path) -> tuple[str, int]:
-    """One table row; returns it and the number of missing images."""
+def pair_frame(row: dict) -> Frame:
+    """A frame around the true and predicted points, at least a few states wide, shaped WORST_MAP_ASPECT."""
+    lats = (row["true_latitude"], row["pred_latitude"])
+    lons = (row["true_longitude"], row["pred_longitude"])
+    mid_lat, mid_lon = (min(lats) + max(lats)) / 2, (min(lons) + max(lons)) / 2
+    k = math.cos(math.radians(mid_lat))
+    height = max((max(lats) - min(lats)) * 1.35, (max(lons) - min(lons)) * k * 1.35 / WORST_MAP_ASPECT, 7.0)
+    width = height * WORST_MAP_ASPECT / k
+    return (mid_lon - width / 2, mid_lon + width / 2, mid_lat - height / 2, mid_lat + height / 2)
+
+
+def worst_map_figure(row: dict) -> Figure:
+    """One error on a small map with the state borders: truth dot, predicted cross, the line between."""
+    fig = Figure(figsize=(2.6, 2.6 / WORST_MAP_ASPECT))
+    ax = fig.add_axes((0.0, 0.0, 1.0, 1.0))  # no labels to lay out: the frame fills the figure
+    ax.set_gid("map")
+    draw_borders(ax, scale=0.8)
+    draw_pairs(ax, pl.DataFrame([row]), marker_scale=2.0, line_alpha=0.9, colours=WORST_MAP_COLOURS)
+    set_lonlat_frame(ax, pair_frame(row))
+    ax.set_xticks([])
+    ax.set_yticks([])
+    return fig
+
+
+def worst_row_html(rank: int, row: dict, images: TrainImages | None, out_dir: Path) -> tuple[str, list[str]]:
+    """One table row; returns it and what could not be shown, one sentence per view."""
+    map_plot = save_plot(worst_map_figure(row), out_dir, f"worst_map_{rank:02d}.png")
     cells = [
         f"<td>{rank}</td>", f"<td>{html.escape(row['sample_id'])}</td>",
         f"<td>{html.escape(state_label(row['true_state_idx']))}</td>",
         f"<td>{html.escape(state_label(row['pred_state_idx_1']))}</td>",
         f"<td class=\"num\">{row['km']:,.0f}</td>",
+        f'<td class="pair-map">{img_tag(map_plot, "map of sample " + row["sample_id"])}</td>',
     ]
-    missing = 0
-    if paths:
-        views = paths.get(row["sample_id"])
-        if views is None:
-            cells.append("<td>not in train_ground_truth.csv</td>")
-            missing = len(VIEWS)
+    problems = []
+    if images is not None:
+        names = images.names.get(row["sample_id"])
+        if names is None:
+            cells.append(f"<td>not in {TRAIN_CSV}</td>")
+            problems.append(f"sample {row['sample_id']}: not in {TRAIN_CSV}")
         else:
-            png, missing = thumbnail_strip(views)
-            plot = save_png_bytes(png, out_dir, f"worst_{rank:02d}.png")
-            alt = f"views of sample {row['sample_id']}"
-            cells.append(f'<td class="thumbs">{img_tag(plot, alt)}</td>')
-    return "<tr>" + "".join(cells) + "</tr>", missing
+            png, whys = thumbnail_strip(images.images_dir, names)
+            plot = save_png_bytes(png, out_dir, f"worst_views_{rank:02d}.png")
+            cells.append(f'<td class="thumbs">{img_tag(plot, "views of sample " + row["sample_id"])}</td>')
+            problems += [f"sample {row['sample_id']} {view} ({name}): {why}"
+                         for view, name, why in zip(VIEWS, names, whys) if why]
+    return "<tr>" + "".join(cells) + "</tr>", problems
 
 
 def worst_section(inputs: RunInputs, out_dir: Path) -> str:
     worst = inputs.val.sort("km", descending=True).head(WORST_COUNT)
-    paths, why_none = image_paths(inputs.run)
-    rows, missing = [], 0
+    images, why_none = train_images(inputs.run)
+    rows, problems = [], []
     for rank, row in enumerate(worst.iter_rows(named=True), 1):
-        row_html, row_missing = worst_row_html(rank, row, paths, out_dir)
+        row_html, row_problems = worst_row_html(rank, row, images, out_dir)
         rows.append(row_html)
-        missing += row_missing
-    header = "<th>#</th><th>sample_id</th><th>true state</th><th>predicted state</th><th>error km</th>"
-    header += "<th>views: north · east · south · west</th>" if paths else ""
+        problems += row_problems
+    header = ("<th>#</th><th>sample_id</th><th>true state</th><th>predicted state</th><th>error km</th>"
+              '<th>map: <span style="color:#1f5fa8">● truth</span> <span style="color:#d62728">× prediction</span></th>')
+    header += "<th>views: north · east · south · west</th>" if images else ""
     table = f'<table class="worst"><thead><tr>{header}</tr></thead><tbody>\n' + "\n".join(rows) + "\n</tbody></table>"
-    notes = [why_none] if why_none else []
-    if missing:
-        notes.append(f"{missing} image(s) could not be read; grey tiles stand in for them.")
-    return section("worst", f"The {worst.height} worst errors", *(note(t) for t in notes), table)
+    notes = [note(why_none)] if why_none else []
+    if problems:
+        items = "".join(f"<li>{html.escape(p)}</li>" for p in problems)
+        notes.append(note(f"{len(problems)} view(s) could not be shown; grey tiles stand in for them:")
+                     + f'<ul class="note">{items}</ul>')
+    return section("worst", f"The {worst.height} worst errors", *notes, table)
 
 
 # ---------------------------------------------------------------- page
@@ -683,19 +917,26 @@ h1 { font-size: 26px; margin-bottom: 4px; }
 h2 { font-size: 20px; border-bottom: 1px solid #ddd; padding-bottom: 4px; margin-top: 36px; }
 img { max-width: 100%; height: auto; }
 .note { color: #555; }
+ul.note { margin-top: -8px; font-size: 13px; }
+.test-label { background: #f3f0fa; border-left: 4px solid #7a5cc0; padding: 6px 14px; }
 .warning { background: #fff4e0; border-left: 4px solid #e69500; padding: 8px 14px; }
 .scroll { overflow-x: auto; }
-table { border-collapse: collapse; font-size: 12.5px; }
-th, td { padding: 3px 6px; border-bottom: 1px solid #eee; text-align: right; white-space: nowrap; }
+table { border-collapse: collapse; font-size: 12px; }
+th, td { padding: 3px 5px; border-bottom: 1px solid #eee; text-align: right; white-space: nowrap; }
 th:first-child, td:first-child { text-align: left; }
 thead th { background: #f4f4f4; position: sticky; top: 0; }
 table.scores td:nth-child(2) { text-align: left; color: #666; }
+table.members td:nth-child(-n+3), table.members th:nth-child(-n+3) { text-align: left; }
+table.members td:nth-child(3) { color: #666; }
+td.split, th.split { text-align: left; color: #666; }
+tr.test td, tr.test th { background: #f3f0fa; }
+tr.test td.split { color: #5a3fa0; font-weight: 600; }
 td.best { font-weight: 700; }
 tbody th { font-weight: 500; }
 tr.final { background: #eef5ff; }
 table.worst td, table.worst th { text-align: left; vertical-align: middle; }
 table.worst td.num { text-align: right; }
-td.thumbs img { display: block; }
+td.thumbs img, td.pair-map img { display: block; }
 dl.run { display: grid; grid-template-columns: max-content auto; gap: 2px 14px; margin: 8px 0; }
 dl.run dt { color: #666; } dl.run dd { margin: 0; }
 """
@@ -705,14 +946,14 @@ def data_warnings(run: dict) -> list[str]:
     """Plain words on what the numbers do not mean, from run.json's flags."""
     if not run:
         return ["run.json was not found: whether the data was synthetic or the backbones random is unknown."]
-    warnings = []
+    warnings_ = []
     if run.get("synthetic"):
-        warnings.append("Synthetic data: the images were drawn by `geoscout synth`, not taken from street views. "
-                        "These numbers test the pipeline; they say nothing about real-world accuracy.")
+        warnings_.append("Synthetic data: the images were drawn by `geoscout synth`, not taken from street views. "
+                         "These numbers test the pipeline; they say nothing about real-world accuracy.")
     if run.get("random_backbones"):
-        warnings.append("Random backbones: the feature extractors ran with random weights (no pretrained weights "
-                        "were loaded), so the features carry no learned visual knowledge.")
-    return warnings
+        warnings_.append("Random backbones: the feature extractors ran with random weights (no pretrained weights "
+                         "were loaded), so the features carry no learned visual knowledge.")
+    return warnings_
 
 
 def run_summary(inputs: RunInputs) -> str:
@@ -725,14 +966,17 @@ def run_summary(inputs: RunInputs) -> str:
         "final model": run.get("final_model", "unknown"),
         "validation locations": f"{inputs.val.height:,}",
     }
+    if inputs.test_scores:
+        sizes = {int(row["n"]) for row in inputs.test_scores.values() if row.get("n") is not None}
+        items["test locations"] = ", ".join(f"{n:,}" for n in sorted(sizes)) + " (synthetic test truth)"
     return '<dl class="run">' + "".join(
         f"<dt>{html.escape(k)}</dt><dd>{html.escape(str(v))}</dd>" for k, v in items.items()) + "</dl>"
 
 
 def render_page(inputs: RunInputs, sections: list[str]) -> str:
-    warnings = "".join(f'<p class="warning">{html.escape(w)}</p>' for w in data_warnings(inputs.run))
+    warnings_ = "".join(f'<p class="warning">{html.escape(w)}</p>' for w in data_warnings(inputs.run))
     return (
         '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
         f"<title>geoscout report: {html.escape(inputs.work_dir.name)}</title>\n<style>{CSS}</style>\n</head>\n<body>\n"
-        f"<h1>geoscout report</h1>\n{run_summary(inputs)}\n{warnings}\n" + "\n".join(sections) + "\n</body>\n</html>\n"
+        f"<h1>geoscout report</h1>\n{run_summary(inputs)}\n{warnings_}\n" + "\n".join(sections) + "\n</body>\n</html>\n"
     )
