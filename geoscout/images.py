@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +23,12 @@ def _open(path: Path) -> Image.Image:
     if size == 0:
         raise ImageError("image file is empty (0 bytes)")
     try:
-        img = Image.open(path)
+        with warnings.catch_warnings():
+            # PIL warns above MAX_IMAGE_PIXELS and raises above twice that: both are a decompression bomb here
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(path)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageError(f"image too large to decode safely: {exc}") from None
     except UnidentifiedImageError:
         raise ImageError("not an image PIL can identify") from None
     except (OSError, SyntaxError) as exc:  # a header cut short fails here, before any pixel
