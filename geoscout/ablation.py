@@ -1,10 +1,10 @@
-"""`geoscout ablate`: the seed recipe, the default, and the default without each of its additions.
+"""`geoscout ablate`: the seed recipe, the default, and the default without each of its parts.
 
-Every recipe trains on the same cached features and the store's validation split, once per seed,
-and is scored on the validation rows (where its alpha, temperatures and retrieval weight were
-chosen) and, when the data folder has test_ground_truth.csv (synthetic data), on the held-out test
-split. Heads are shared between recipes whose configs agree, so a decoding-only variant costs
-no training.
+Every recipe trains on the same cached features, validation split and folds, once per seed, and is
+scored on the validation rows (touched by no choice: every choice is made on out-of-fold outputs)
+and, when the data folder has test_ground_truth.csv (synthetic data), on the test split. A member
+whose config two recipes share is trained once, so a variant that only changes the ensemble or its
+decoding costs no training.
 """
 
 from __future__ import annotations
@@ -20,110 +20,49 @@ from typing import Callable
 import numpy as np
 
 from .atomic import atomic_write_text
-from .competition import TEST_TRUTH_CSV
-from .heads.api import fit_ensemble, predict, train_classifier, train_regressor
-from .heads.ensemble import EnsembleConfig
-from .heads.models import ClassifierConfig, RegressorConfig
-from .heads.presets import classifier_preset, config_to_dict, ensemble_preset, regressor_preset
-from .metric import read_truth, score_predictions
-from .stages import load_train, regressor_backbone, validation_mask
-from .store.features import SplitFeatures
-from .store.reader import read_manifest, read_split
+from .errors import ConfigError
+from .heads.api import evaluate, fit_ensemble, train_members
+from .heads.configio import config_to_dict
+from .heads.members import MemberSpec
+from .heads.presets import Recipe, recipe, with_changes
+from .stages import StoreData
 
 TABLE_KEYS = ("score", "classification_score", "gps_score", "mean_km", "median_km")
 
 
 @dataclass(frozen=True)
-class Recipe:
-    name: str
-    classifier: Callable[[str], ClassifierConfig]  # backbone -> config
-    regressor: RegressorConfig
-    ensemble: EnsembleConfig
-
-
-def _preset(name: str) -> Recipe:
-    return Recipe(name, lambda b: classifier_preset(name, backbone=b), regressor_preset(name), ensemble_preset(name))
-
-
-Changes = dict[str, dict]  # "classifier" | "regressor" | "ensemble" | "decode" -> field values
-
-
-@dataclass(frozen=True)
-class Addition:
-    """One addition to the seed's design, as the config changes that turn it off and on."""
+class Variant:
+    """One part of the default, as the changes that take it out."""
 
     name: str
-    off: Changes
-    on: Changes  # what it means when the default leaves it out
+    make: Callable[[Recipe], Recipe]
 
 
-ADDITIONS = (
-    Addition("haversine smoothing", off={"classifier": {"haversine_tau_km": 0.0, "label_smoothing": 0.1}},
-             on={"classifier": {"haversine_tau_km": 250.0, "label_smoothing": 0.0}}),
-    Addition("geocells", off={"classifier": {"geocells": 0}}, on={"classifier": {"geocells": 300}}),
-    Addition("retrieval", off={"decode": {"retrieval_k": 0}}, on={"decode": {"retrieval_k": 32}}),
-    # The regressor's anchor belongs here: training on the true cell makes every candidate's offset
-    # mean "where inside this cell", which only the multi-candidate belief asks for.
-    Addition("expected-distance decoding", off={"decode": {"candidates": 1}, "regressor": {"anchor": "predicted"}},
-             on={"decode": {"candidates": 5}, "regressor": {"anchor": "true"}}),
-    Addition("flip TTA", off={"ensemble": {"flip_tta": "none"}}, on={"ensemble": {"flip_tta": "swap"}}),
+VARIANTS = (
+    Variant("default - probe", lambda r: with_changes(r, "default - probe", kinds=("classifier",))),
+    Variant("default - classifiers (the probe alone)", lambda r: with_changes(r, "default - classifiers", kinds=("probe",))),
+    Variant("default - haversine smoothing", lambda r: with_changes(r, "default - haversine smoothing",
+                                                                     member={"haversine_tau_km": 0.0})),
+    Variant("default - geocells", lambda r: with_changes(r, "default - geocells", member={"geocells": 0, "haversine_tau_km": 0.0})),
+    Variant("default - view dropout", lambda r: with_changes(r, "default - view dropout", member={"view_dropout": 0.0})),
+    Variant("default - regressor", lambda r: with_changes(r, "default - regressor", ensemble={"regressor": "off"})),
+    Variant("default - retrieval", lambda r: with_changes(r, "default - retrieval", decode={"retrieval_k": 0})),
+    Variant("default - expected-distance decoding", lambda r: with_changes(r, "default - expected-distance decoding",
+                                                                            decode={"candidates": (1,)})),
+    Variant("default, fitted weights -> equal weights", lambda r: with_changes(
+        r, "default, equal weights", ensemble={"weights": "fixed", "fixed_weights": (1.0,) * len(r.members)})),
 )
 
 
-def _configs(recipe: Recipe) -> dict:
-    return {"classifier": recipe.classifier("any"), "regressor": recipe.regressor, "ensemble": recipe.ensemble,
-            "decode": recipe.ensemble.decode}
+def recipes(backbones: list[str]) -> list[Recipe]:
+    default = recipe("default", backbones)
+    return [recipe("seed", backbones), default, *(dataclasses.replace(v.make(default), name=v.name) for v in VARIANTS)]
 
 
-def _applies(recipe: Recipe, changes: Changes) -> bool:
-    configs = _configs(recipe)
-    return all(getattr(configs[part], k) == v for part, values in changes.items() for k, v in values.items())
-
-
-def _variant(base: Recipe, name: str, changes: Changes) -> Recipe:
-    ens = dataclasses.replace(base.ensemble, **changes.get("ensemble", {}))
-    return Recipe(
-        name,
-        lambda b: dataclasses.replace(base.classifier(b), **changes.get("classifier", {})),
-        dataclasses.replace(base.regressor, **changes.get("regressor", {})),
-        dataclasses.replace(ens, decode=dataclasses.replace(ens.decode, **changes.get("decode", {}))),
-    )
-
-
-def recipes(*, taus: tuple[float, ...] = ()) -> list[Recipe]:
-    """seed, default, the default with each addition toggled ("default - X" when the default has it,
-    "default + X" when not), PIGEON's smoothing across state borders, the naive flip, other taus."""
-    default = _preset("default")
-    toggled = [
-        _variant(default, f"default - {a.name}", a.off) if not _applies(default, a.off) else _variant(default, f"default + {a.name}", a.on)
-        for a in ADDITIONS
-    ]
-    return [
-        _preset("seed"),
-        default,
-        *toggled,
-        _variant(default, "default, smoothing across state borders", {"classifier": {"haversine_within_state": False}}),
-        _variant(default, "default, naive flip (no E/W swap)", {"ensemble": {"flip_tta": "naive"}}),
-        *(_variant(default, f"default, tau {tau:g} km", {"classifier": {"haversine_tau_km": tau}}) for tau in taus),
-    ]
-
-
-def _key(*configs) -> str:
-    blob = json.dumps([config_to_dict(c) if dataclasses.is_dataclass(c) else c for c in configs], sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:12]
-
-
-def _test_truth(store_dir: Path, test: SplitFeatures) -> tuple[np.ndarray, np.ndarray] | None:
-    """(class ids, latlon) of the test rows in store order, or None without a truth file."""
-    path = Path(read_manifest(store_dir)["data_dir"]) / TEST_TRUTH_CSV
-    if not path.exists():
-        return None
-    truth = read_truth(path)
-    row = {int(s): i for i, s in enumerate(truth.sample_id)}
-    order = np.array([row[int(s)] for s in test.sample_id])
-    class_of = {int(s): c for c, s in enumerate(test.classes)}
-    class_id = np.array([class_of[int(s)] for s in truth.state_idx[order]])
-    return class_id, np.stack([truth.latitude[order], truth.longitude[order]], axis=1)
+def _member_dir(root: Path, spec: MemberSpec, folds: int) -> Path:
+    digest = hashlib.sha256(json.dumps([spec.kind, list(spec.backbones), config_to_dict(spec.config), folds],
+                                       sort_keys=True).encode()).hexdigest()[:10]
+    return root / f"{spec.name}-{digest}"
 
 
 def _summary(values: list[dict[str, float]]) -> dict[str, dict[str, float]]:
@@ -131,66 +70,52 @@ def _summary(values: list[dict[str, float]]) -> dict[str, dict[str, float]]:
             for k in TABLE_KEYS}
 
 
-def run_ablation(
-    store_dir: Path, *, work_dir: Path, seeds: int = 3, taus: tuple[float, ...] = (), device: str = "cpu",
-    log: Callable[[str], None] = print,
-) -> dict:
+def run_ablation(store_dir: Path, *, work_dir: Path, seeds: int = 3, device: str = "cpu", backbones: list[str] | None = None,
+                 log: Callable[[str], None] = print) -> dict:
     """Train and score every recipe for seeds 0..seeds-1; write WORK/eval/ablation.json and return it."""
     store_dir, work_dir = Path(store_dir), Path(work_dir)
-    train = load_train(store_dir)
-    backbones = sorted(train.features)
-    if len(backbones) != 2:
-        raise ValueError(f"the ablation compares ensembles of two backbones; the store has {backbones}")
-    test = read_split(store_dir, "test", backbones)
-    truth = _test_truth(store_dir, test)
-    mask = validation_mask(store_dir, train)
-    reader = regressor_backbone(backbones)
-    heads = work_dir / "ablation"
+    data = StoreData(store_dir, backbones)
+    truth = data.test_truth()
     rows = []
-    for recipe in recipes(taus=taus):
+    plans = recipes(data.backbones)
+    for plan in plans:
+        if not plan.members:
+            raise ConfigError(f"recipe {plan.name!r} has no member")
         for seed in range(seeds):
             started = time.perf_counter()
-            folder = heads / f"seed{seed}"
-            classifiers = {}
-            for b in backbones:
-                config = recipe.classifier(b)
-                classifiers[b] = folder / f"classifier-{b}-{_key(config)}"
-                if not classifiers[b].exists():
-                    train_classifier(train, backbone=b, val_mask=mask, out_dir=classifiers[b], config=config, device=device,
-                                     seed=seed, progress=False)
-            regressor = folder / f"regressor-{_key(recipe.classifier(reader), recipe.regressor)}"
-            if not regressor.exists():
-                train_regressor(train, classifier_dir=classifiers[reader], val_mask=mask, out_dir=regressor,
-                                config=recipe.regressor, device=device, seed=seed, progress=False)
-            ensemble = folder / f"ensemble-{_key(*(recipe.classifier(b) for b in backbones), recipe.regressor, recipe.ensemble)}"
-            fitted = fit_ensemble(train, classifier_dirs=classifiers, val_mask=mask, out_dir=ensemble, regressor_dir=regressor,
-                                  config=recipe.ensemble, device=device)
-            row = {"recipe": recipe.name, "seed": seed, "validation": fitted.metrics, "flip_tta": fitted.flip_tta,
-                   "retrieval_weight": fitted.retrieval_weight, "alpha": fitted.alpha}
+            folder = work_dir / "ablation" / f"seed{seed}"
+            protocol = data.protocol(plan.folds, seed)
+            dirs = {m.name: _member_dir(folder, m, plan.folds) for m in plan.members}
+            todo = [m for m in plan.members if not (dirs[m.name] / "head.json").is_file()]
+            train_members(data.train, todo, protocol, {m.name: dirs[m.name] for m in todo}, device=device, seed=seed,
+                          progress=False)
+            ensemble_dir = folder / f"ensemble-{hashlib.sha256(json.dumps(plan.key(), sort_keys=True).encode()).hexdigest()[:10]}"
+            fitted = fit_ensemble(data.train, member_dirs=list(dirs.values()), protocol=protocol, out_dir=ensemble_dir,
+                                  config=plan.ensemble, regressor_config=plan.regressor, device=device, seed=seed, progress=False)
+            row = {"recipe": plan.name, "seed": seed, "weights": fitted.weights, "decode": fitted.decode,
+                   "regressor": fitted.regressor,
+                   "validation": evaluate(data.train, protocol, ensemble_dir=ensemble_dir, device=device).metrics["ensemble"]}
             if truth is not None:
-                pred = predict(test, ensemble_dir=ensemble, device=device, gallery=train)
-                row["test"] = score_predictions(truth[0], truth[1][:, 0], truth[1][:, 1], pred.top5, pred.lat, pred.lon)
+                row["test"] = evaluate(data.train, protocol, ensemble_dir=ensemble_dir, device=device,
+                                       truth=(data.split("test"), *truth)).metrics["ensemble"]
             row["seconds"] = time.perf_counter() - started
             rows.append(row)
             shown = row.get("test", row["validation"])
-            log(f"{recipe.name:<40} seed {seed}: score {shown['score']:.4f}, mean {shown['mean_km']:.0f} km "
-                f"({row['seconds']:.0f} s)")
-    names = list(dict.fromkeys(r["recipe"] for r in rows))
+            log(f"{plan.name:<45} seed {seed}: score {shown['score']:.4f}, mean {shown['mean_km']:.0f} km ({row['seconds']:.0f} s)")
     splits = ["validation", *(["test"] if truth is not None else [])]
+    names = [p.name for p in plans]
     result = {
         "store": str(store_dir.resolve()),
-        "backbones": backbones,
+        "backbones": data.backbones,
         "seeds": seeds,
-        "n_validation": int(mask.sum()),
-        "n_test": None if truth is None else len(test),
-        "recipes": [
-            {"name": n, **{s: _summary([r[s] for r in rows if r["recipe"] == n]) for s in splits}} for n in names
-        ],
+        "n_validation": int(data.validation_mask().sum()),
+        "n_test": None if truth is None else len(truth[0]),
+        "recipes": [{"name": n, **{s: _summary([r[s] for r in rows if r["recipe"] == n]) for s in splits}} for n in names],
         "runs": rows,
     }
     out = work_dir / "eval" / "ablation.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out, json.dumps(result, indent=1))
+    atomic_write_text(out, json.dumps(result, indent=1, default=float))
     return result
 
 
@@ -199,10 +124,10 @@ def markdown_table(result: dict, split: str) -> str:
     labels = {"score": "final score", "classification_score": "classification", "gps_score": "gps score",
               "mean_km": "mean km", "median_km": "median km"}
     lines = ["| recipe | " + " | ".join(labels[k] for k in TABLE_KEYS) + " |", "| --- |" + " ---: |" * len(TABLE_KEYS)]
-    for recipe in result["recipes"]:
+    for entry in result["recipes"]:
         cells = []
         for k in TABLE_KEYS:
-            m = recipe[split][k]
+            m = entry[split][k]
             cells.append(f"{m['mean']:.0f} ± {m['std']:.0f}" if k.endswith("_km") else f"{m['mean']:.4f} ± {m['std']:.4f}")
-        lines.append(f"| {recipe['name']} | " + " | ".join(cells) + " |")
+        lines.append(f"| {entry['name']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -322,26 +322,29 @@ def predict(
 
 @app.command()
 def ablate(
-    store_dir: Annotated[Path, typer.Argument(help="Feature store folder with two backbones (extracted with --flip for the flip TTA rows).")],
+    store_dir: Annotated[Path, typer.Argument(help="Feature store folder.")],
     work: Annotated[Path, typer.Option(help="Folder for the heads (WORK/ablation/) and the table (WORK/eval/ablation.json, shown by `geoscout report WORK`).")] = Path("ablation-work"),
+    backbone: BackbonesOption = [],
     seeds: Annotated[int, typer.Option(help="Training seeds per recipe.", min=1)] = 3,
-    tau: Annotated[list[float], typer.Option(help="Also train the default at this haversine tau in km (repeat).")] = [],
-    device: DeviceOption = "cpu",
+    device: DeviceOption = "auto",
     threads: Annotated[int, typer.Option(help="torch CPU threads (0: torch's default; 1 keeps timings steady on a busy machine).")] = 0,
 ) -> None:
-    """Train the seed recipe, the default, and the default without each addition (haversine smoothing,
-    geocells, retrieval, expected-distance decoding, flip TTA) over seeds; print mean ± std tables.
+    """Train the seed recipe, the default, and the default without each of its parts (the probe, the
+    classifiers, haversine smoothing, geocells, view dropout, the regressor, retrieval, expected-distance
+    decoding, fitted weights) over seeds; print mean ± std tables.
 
     Scored on the validation rows and, for synthetic data (test_ground_truth.csv), on the test split.
     """
     import torch
 
     from .ablation import markdown_table, run_ablation
+    from .extract.backbones import get_spec
 
     if threads:
         torch.set_num_threads(threads)
     with _expected_failures():
-        result = run_ablation(store_dir, work_dir=work, seeds=seeds, taus=tuple(tau), device=device)
+        result = run_ablation(store_dir, work_dir=work, seeds=seeds, device=device,
+                              backbones=[get_spec(b).name for b in backbone] or None)
     for split in ("test", "validation"):
         if split in result["recipes"][0]:
             typer.echo(f"\n{split} ({result[f'n_{split}']} locations), mean ± std over {seeds} seed(s):")

@@ -14,11 +14,10 @@ import dataclasses
 import hashlib
 import json
 import os
+import tomllib
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Callable
-
-import tomllib
 
 from . import __version__
 from .atomic import atomic_write_text
@@ -32,7 +31,13 @@ from .heads.configio import config_to_dict
 from .heads.presets import PRESETS, Recipe, recipe
 from .problems import InputError
 from .stages import (
-    HeadPaths, StoreData, evaluate_stage, fit_ensemble_stage, predict_stage, train_members_stage, validation_predictions,
+    HeadPaths,
+    StoreData,
+    evaluate_stage,
+    fit_ensemble_stage,
+    predict_stage,
+    train_members_stage,
+    validation_predictions,
 )
 from .store.layout import features_path, validation_split_path
 from .store.reader import read_store_attrs

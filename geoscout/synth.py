@@ -67,10 +67,10 @@ class Difficulty:
 
 DIFFICULTIES = {
     "standard": Difficulty(),
-    "lookalike": Difficulty(lookalike=0.85),
-    "imbalanced": Difficulty(imbalance=1.2),
-    "noisy": Difficulty(noise=2.5, blank_views=0.15, broken_views=0.05),
-    "hard": Difficulty(lookalike=0.7, imbalance=0.8, noise=2.0, blank_views=0.1, broken_views=0.03),
+    "lookalike": Difficulty(lookalike=0.9),
+    "imbalanced": Difficulty(lookalike=0.8, imbalance=1.2),
+    "noisy": Difficulty(lookalike=0.6, noise=4.0, blank_views=0.25, broken_views=0.05),
+    "hard": Difficulty(lookalike=0.8, imbalance=0.8, noise=3.0, blank_views=0.15, broken_views=0.03),
 }
 
 

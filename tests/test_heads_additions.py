@@ -1,35 +1,20 @@
-"""Beyond the seed: geocells, haversine smoothing, flip TTA slots, retrieval candidates, expected-distance decoding."""
+"""Beyond the seed: geocells, haversine smoothing, flip TTA slots, retrieval candidates, expected-distance decoding.
 
-import dataclasses
+The heads that use them end to end: test_heads_api.py."""
 
 import numpy as np
 import pytest
 import torch
 
 from geoscout.geo import haversine_km, latlon_to_xyz, xyz_to_latlon
-from geoscout.heads import (
-    ClassifierConfig,
-    EnsembleConfig,
-    FusionConfig,
-    RegressorConfig,
-    TrainConfig,
-    evaluate,
-    fit_ensemble,
-    predict,
-    train_classifier,
-    train_regressor,
-)
-from geoscout.heads.checkpoint import CheckpointError, load_classifier
-from geoscout.heads.decode import DecodeConfig, decode, geometric_median, spread_to_neighbours
+from geoscout.heads.decode import decode, geometric_median, spread_to_neighbours
 from geoscout.heads.geocells import make_geocells
-from geoscout.heads.retrieval import Neighbours, build_gallery, search
+from geoscout.heads.retrieval import Neighbours, build_gallery, fit_space, search
 from geoscout.heads.smoothing import haversine_soft_targets
 from geoscout.heads.tta import mirrored_views
-from geoscout.store.split import make_validation_split
 from geoscout.testing import make_planted_features
 
 BACKBONES = ("tiny-clip", "tiny-convnext")
-SWAP = [0, 3, 2, 1]  # N, E, S, W -> N, W, S, E
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -166,104 +151,30 @@ def test_search_finds_neighbours_of_the_query_and_decode_keeps_them_inside_the_t
     train = make_planted_features(n=400)
     cells = make_geocells(train.class_id, train.latlon, len(train.classes), cells=0, min_rows=10)
     rows = np.arange(300)
-    gallery = build_gallery(train, rows=rows, backbones=list(BACKBONES), geocells=cells)
+    space = fit_space(train, rows=rows, backbones=list(BACKBONES), dim=0)
+    gallery = build_gallery(space.describe(train), train.latlon, train.class_id, rows)
     queries = train.subset(np.arange(300, 400))
-    found = search(gallery, queries, k=8)
+    found = search(gallery, space.describe(queries), k=8)
     same_state = (found.cell == queries.class_id[:, None])[found.valid.any(axis=1)]
     assert same_state.mean() > 0.8  # planted states are easy to tell apart
     logits = np.full((100, len(cells)), -20.0)
     logits[np.arange(100), queries.class_id] = 0.0  # a sure belief: the true state only
-    config = DecodeConfig(candidates=2, retrieval_k=8, similarity_temperature=0.05)
-    with_retrieval = decode(logits, cells, config, neighbours=found, retrieval_weight=1.0)
-    plain = decode(logits, cells, config)
+    with_retrieval = decode(logits, cells, candidates=2, neighbours=found, retrieval_weight=1.0)
+    plain = decode(logits, cells, candidates=2)
     km = lambda p: haversine_km(queries.latlon[:, 0], queries.latlon[:, 1], p.lat, p.lon).mean()  # noqa: E731
     assert km(with_retrieval) < km(plain)
 
 
-# ------------------------------------------------------------------ the heads end to end
-
-
-def _classifier(**changes) -> ClassifierConfig:
-    config = ClassifierConfig(
-        fusion=FusionConfig(width=32, depth=1, heads=2, ffn_dim=64), hidden=64, dropout=0.1, label_smoothing=0.0,
-        geocells=24, min_cell_rows=10, haversine_tau_km=100.0,
-        train=TrainConfig(epochs=20, batch_size=64, lr=3e-3, patience=6),
-    )
-    return dataclasses.replace(config, **changes)
-
-
-def _mirror_symmetric(features):
-    """A world that looks the same in a mirror: each mirrored view is the E/W-swapped original (so East
-    and West are missing together)."""
-    masks = {b: m.copy() for b, m in features.masks.items()}
-    for m in masks.values():
-        m[:, 1] = m[:, 3] = m[:, 1] & m[:, 3]
-    return dataclasses.replace(features, masks=masks, flipped={b: f[:, SWAP] for b, f in features.features.items()})
-
-
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("additions")
-    train = _mirror_symmetric(make_planted_features(n=600))
-    val_mask = make_validation_split(train.class_id, 0.25, 0)
-    dirs = {b: root / b for b in BACKBONES}
-    for b in BACKBONES:
-        train_classifier(train, backbone=b, val_mask=val_mask, out_dir=dirs[b], config=_classifier(), progress=False)
-    train_regressor(train, classifier_dir=dirs["tiny-clip"], val_mask=val_mask, out_dir=root / "regressor", progress=False,
-                    config=RegressorConfig(hidden=64, anchor="true", train=TrainConfig(epochs=30, batch_size=64, lr=2e-3, patience=8)))
-    config = EnsembleConfig(flip_tta="swap", decode=DecodeConfig(candidates=4, retrieval_k=16))
-    ensemble = fit_ensemble(train, classifier_dirs=dirs, val_mask=val_mask, out_dir=root / "ensemble",
-                            regressor_dir=root / "regressor", config=config)
-    return dict(root=root, train=train, val_mask=val_mask, dirs=dirs, ensemble=ensemble)
-
-
-def test_geocell_heads_learn_and_round_trip(run):
-    evaluation = evaluate(run["train"], val_mask=run["val_mask"], classifier_dirs=run["dirs"], regressor_dir=run["root"] / "regressor",
-                          ensemble_dir=run["root"] / "ensemble", print_table=False).metrics
-    assert evaluation["ensemble"]["top1_accuracy"] >= 0.95
-    assert evaluation["ensemble"]["score"] > evaluation["baseline"]["score"] + 0.3
-    # the saved ensemble (TTA, retrieval over a gallery, median) reproduces what was measured while fitting
-    assert evaluation["ensemble"] == pytest.approx(run["ensemble"].metrics)
-    module, card = load_classifier(run["dirs"]["tiny-clip"])
-    assert module.head[-1].out_features == len(card.centroids) == len(card.cell_class) > len(card.classes)
-    assert run["ensemble"].flip_tta == "swap" and len(run["ensemble"].retrieval_curve) == 5
-
-
-def test_swap_tta_of_a_mirror_symmetric_world_changes_nothing(run, tmp_path):
-    """The swapped mirrored views ARE the original views here, so averaging their logits is a no-op."""
-    plain = dataclasses.replace(EnsembleConfig(flip_tta="none"), alpha=0.5)
-    swap = dataclasses.replace(plain, flip_tta="swap")
-    a, b = (fit_ensemble(run["train"], classifier_dirs=run["dirs"], val_mask=run["val_mask"], out_dir=tmp_path / name,
-                         config=config).metrics for name, config in (("a", plain), ("b", swap)))
-    assert a == pytest.approx(b)
-
-
-def test_retrieval_ensembles_need_a_gallery_of_the_same_data(run, tmp_path):
-    test = _mirror_symmetric(make_planted_features(n=40, seed=9, labelled=False, split="test"))
-    ensemble = tmp_path / "ensemble"
-    fit_ensemble(run["train"], classifier_dirs=run["dirs"], val_mask=run["val_mask"], out_dir=ensemble,
-                 config=EnsembleConfig(decode=DecodeConfig(candidates=3, retrieval_k=8, retrieval_weight=0.5)))
-    with pytest.raises(ValueError, match="gallery"):
-        predict(test, ensemble_dir=ensemble)
-    foreign = dataclasses.replace(run["train"], dataset_fingerprint="someone-elses-data")
-    with pytest.raises(CheckpointError, match="someone-elses-data"):
-        predict(test, ensemble_dir=ensemble, gallery=foreign)
-    top5, lat, lon = predict(test, ensemble_dir=ensemble, gallery=run["train"])
-    assert top5.shape == (40, 5) and np.isfinite(lat).all() and np.isfinite(lon).all()
-
-
-def test_flip_tta_without_mirrored_views_is_left_out_with_a_warning(run, tmp_path):
-    plain = dataclasses.replace(run["train"], flipped={})
-    with pytest.warns(UserWarning, match="flip TTA"):
-        result = fit_ensemble(plain, classifier_dirs=run["dirs"], val_mask=run["val_mask"], out_dir=tmp_path / "e",
-                              config=EnsembleConfig(flip_tta="swap"))
-    assert result.flip_tta == "none"
-
-
-def test_members_with_other_geocells_are_not_ensembled(run, tmp_path):
-    other = tmp_path / "other"
-    train_classifier(run["train"], backbone="tiny-convnext", val_mask=run["val_mask"], out_dir=other,
-                     config=_classifier(geocells=12, train=TrainConfig(epochs=1, batch_size=64)), progress=False)
-    with pytest.raises(CheckpointError, match="geocells"):
-        fit_ensemble(run["train"], classifier_dirs={"tiny-clip": run["dirs"]["tiny-clip"], "tiny-convnext": other},
-                     val_mask=run["val_mask"], out_dir=tmp_path / "e")
+def test_projected_search_keeps_the_neighbours():
+    """Retrieval projects wide descriptors on their top principal directions: the neighbours it finds are
+    mostly those of the full-width search."""
+    train = make_planted_features(n=600, dims={"a": 96, "b": 128})
+    rows = np.arange(500)
+    full = fit_space(train, rows=rows, backbones=["a", "b"], dim=0)
+    projected = fit_space(train, rows=rows, backbones=["a", "b"], dim=32)
+    assert projected.basis.shape == (224, 32)
+    queries = train.subset(np.arange(500, 600))
+    found = [search(build_gallery(s.describe(train), train.latlon, train.class_id, rows), s.describe(queries), k=10)
+             for s in (full, projected)]
+    overlap = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(found[0].latlon[:, :, 0], found[1].latlon[:, :, 0])])
+    assert overlap > 0.6

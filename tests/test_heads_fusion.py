@@ -4,9 +4,9 @@ import pytest
 import torch
 from torch import nn
 
-from geoscout.heads.fusion import FUSIONS, FusionConfig, TransformerFusion, build_fusion
+from geoscout.heads.fusion import FUSIONS, ConcatFusion, FusionConfig, MeanFusion, TransformerFusion, build_fusion
 from geoscout.heads.models import ClassifierConfig, Scout, Sniper
-from geoscout.heads.presets import classifier_preset, ensemble_preset, regressor_preset
+from geoscout.heads.presets import default_classifier, recipe, seed_clip_classifier, seed_convnext_classifier
 
 D = 16
 
@@ -16,6 +16,8 @@ FUSION_CONFIGS = {
     "transformer-mean": FusionConfig(kind="transformer", width=8, heads=2, ffn_dim=16),
     "transformer-concat": FusionConfig(kind="transformer", width=None, heads=2, ffn_dim=16, pooling="concat",
                                        direction_embeddings=False, norm_first=False, input_norm=False),
+    "concat": FusionConfig(kind="concat", width=None, input_norm=False),
+    "concat-projected": FusionConfig(kind="concat", width=8),
 }
 
 
@@ -23,11 +25,10 @@ def _modules():
     torch.manual_seed(0)
     for name, config in FUSION_CONFIGS.items():
         yield name, build_fusion(config, D)
-    for preset in ("seed", "default"):
-        config = classifier_preset(preset, backbone="tiny-clip")
-        config.fusion.width = None if config.fusion.width is None else 8
+    for name, make in (("default", default_classifier), ("seed-clip", seed_clip_classifier), ("seed-convnext", seed_convnext_classifier)):
+        config = make()
         config.fusion.heads = 2
-        yield f"{preset}-classifier", Scout(config, D, num_classes=5)
+        yield f"{name}-classifier", Scout(config, D, num_cells=5)
 
 
 MODULES = dict(_modules())
@@ -81,8 +82,9 @@ def test_a_sample_does_not_depend_on_its_batch(name):
 
 def test_seed_preset_builds_the_seed_architecture():
     d, classes = 1024, 33
-    config = classifier_preset("seed", backbone="streetclip")
-    scout = Scout(config, d, classes)
+    plan = recipe("seed", ["streetclip", "convnextv2-large"])
+    clip, convnext = plan.members
+    scout = Scout(clip.config, d, classes)
     fusion = scout.fusion
     assert isinstance(fusion, TransformerFusion) and fusion.pooling == "concat"
     assert isinstance(fusion.project, nn.Identity) and isinstance(fusion.input_norm, nn.Identity)
@@ -97,24 +99,32 @@ def test_seed_preset_builds_the_seed_architecture():
     assert (scout.head[0].in_features, scout.head[0].out_features) == (4 * d, 1024)
     assert scout.head[1].num_features == 1024 and scout.head[3].p == 0.3
     assert (scout.head[4].in_features, scout.head[4].out_features) == (1024, classes)
-    assert config.label_smoothing == 0.0
-    assert classifier_preset("seed", backbone="convnextv2-large").label_smoothing == 0.1
-    assert classifier_preset("seed", backbone="tiny-convnext-random").label_smoothing == 0.1
+    assert clip.config.label_smoothing == 0.0
+    # the ConvNeXt branch: no fusion transformer, the four views concatenated, Linear(2048), BN, GELU, Dropout(0.4)
+    other = Scout(convnext.config, 1536, classes)
+    assert isinstance(other.fusion, ConcatFusion) and other.fusion.out_dim == 4 * 1536
+    assert [type(m) for m in other.head] == [nn.Linear, nn.BatchNorm1d, nn.GELU, nn.Dropout, nn.Linear]
+    assert other.head[0].out_features == 2048 and other.head[3].p == 0.4 and convnext.config.label_smoothing == 0.1
+    # roles by position, not by name: the first backbone takes the StreetCLIP branch and weight 0.6
+    assert [m.backbones for m in plan.members] == [("streetclip",), ("convnextv2-large",)]
+    assert plan.ensemble.weights == "fixed" and plan.ensemble.fixed_weights == (0.6, 0.4)
+    swapped = recipe("seed", ["convnextv2-large", "streetclip"])
+    assert swapped.members[0].backbones == ("convnextv2-large",) and swapped.members[0].config.fusion.kind == "transformer"
+    sniper = Sniper(plan.regressor, 2560, classes)
+    assert tuple(sniper.cell_embedding.weight.shape) == (classes, 64)
+    assert sniper.body[0].in_features == 2560 + 64  # the cell embedding scaled by confidence, nothing else
 
-    sniper = Sniper(regressor_preset("seed"), scout.descriptor_dim, classes)
-    assert tuple(sniper.state_embedding.weight.shape) == (classes, 64)
-    assert sniper.body[0].in_features == 4 * d + 64  # the state embedding scaled by confidence, nothing else
-    assert ensemble_preset("seed").alpha == 0.6 and ensemble_preset("seed").first_member == "clip"
 
-
-def test_default_preset_projects_to_a_small_width():
-    scout = Scout(classifier_preset("default", backbone="convnextv2-large"), 1536, 33)
-    assert scout.fusion.project.in_features == 1536 and scout.fusion.project.out_features < 1536
-    assert scout.fusion.directions is not None and scout.fusion.pooling == "mean"
+def test_default_recipe_has_a_classifier_per_backbone_and_a_probe_on_all_of_them():
+    plan = recipe("default", ["a", "b", "c"])
+    assert [m.name for m in plan.members] == ["classifier-a", "classifier-b", "classifier-c", "probe-a+b+c"]
+    scout = Scout(plan.members[0].config, 1536, 300)
+    assert isinstance(scout.fusion, MeanFusion) and scout.skip is not None
+    assert plan.ensemble.weights == "fit" and plan.folds == 5
 
 
 def test_sniper_starts_at_the_centroid():
-    sniper = Sniper(regressor_preset("default"), 8, 5).eval()
+    sniper = Sniper(recipe("default", ["a"]).regressor, 8, 5).eval()
     offset = sniper(torch.randn(4, 8), torch.tensor([0, 1, 2, 3]), torch.rand(4))
     assert offset.abs().max() < 0.05  # degrees
 
@@ -127,10 +137,3 @@ def test_width_must_divide_into_heads():
 def test_classifier_config_rejects_unknown_norm():
     with pytest.raises(ValueError, match="available"):
         Scout(ClassifierConfig(norm="group"), D, 3)
-
-
-def test_fusion_view_count_matches_the_store():
-    from geoscout.heads.fusion import NUM_VIEWS
-    from geoscout.store.features import VIEWS
-
-    assert NUM_VIEWS == len(VIEWS)

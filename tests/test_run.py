@@ -1,5 +1,6 @@
 """The whole job: per-stage CLI chain, `geoscout run` (idempotent, resumable after SIGKILL), `demo` pieces."""
 
+import dataclasses
 import json
 import shutil
 import signal
@@ -48,12 +49,11 @@ def test_stage_commands_chain_to_a_valid_submission(synth_run, tmp_path, preset)
     data, store_master = synth_run
     store = Path(shutil.copytree(store_master, tmp_path / "store"))
     heads = tmp_path / "heads"
-    common = ["--heads", heads, "--preset", preset, "--device", "cpu"]
-    for b in BACKBONES:
-        invoke("train", store, "--backbone", b, *common)
-    out = invoke("train-regressor", store, "--backbone", BACKBONES[0], *common).stdout
-    assert "lower)" in out
-    assert "alpha" in invoke("ensemble", store, *common).stdout
+    common = ["--heads", heads, "--preset", preset, "--device", "cpu", "--folds", "3"]
+    trained = invoke("train", store, *common).stdout
+    assert "out-of-fold score" in trained
+    fitted = invoke("ensemble", store, *common).stdout
+    assert "weight" in fitted and "temperature" in fitted
     assert "ensemble" in invoke("evaluate", store, *common).stdout
     submission = tmp_path / "submission.csv"
     invoke("predict", store, "--out", submission, *common)
@@ -66,16 +66,32 @@ def test_stage_commands_chain_to_a_valid_submission(synth_run, tmp_path, preset)
     assert got["score"] > baseline["score"] + 0.25, (got, baseline)
 
 
+def test_the_cli_ensemble_combines_three_trained_classifiers(synth_run, tmp_path):
+    """Members of any number: three classifiers (two backbones, one of them twice through the probe's
+    backbones) trained one by one, then one ensemble that weighs all three."""
+    data, store_master = synth_run
+    store = Path(shutil.copytree(store_master, tmp_path / "store"))
+    common = ["--heads", tmp_path / "heads", "--device", "cpu", "--folds", "3"]
+    names = ["classifier-tiny-clip-random", "classifier-tiny-convnext-random", "probe-tiny-clip-random+tiny-convnext-random"]
+    for name in names:
+        invoke("train", store, "--member", name, *common)
+    out = invoke("ensemble", store, *(x for n in names for x in ("--member", n)), *common).stdout
+    record = json.loads((tmp_path / "heads" / "default" / "ensemble" / "ensemble.json").read_text())
+    assert [m["name"] for m in record["members"]] == names
+    assert sum(m["weight"] for m in record["members"]) == pytest.approx(1.0)
+    assert all(n in out for n in names)
+
+
 def run_cmd(data, work):
     return [sys.executable, "-m", "geoscout.cli", "run", str(data), "--work", str(work),
-            "--backbones", ",".join(BACKBONES), "--device", "cpu"]
+            "--backbones", ",".join(BACKBONES), "--device", "cpu", "--folds", "3"]
 
 
 @pytest.fixture(scope="module")
 def reference_run(synth_run, tmp_path_factory):
     data, _ = synth_run
     work = tmp_path_factory.mktemp("reference") / "work"
-    result = run_pipeline(RunConfig(data_dir=data, work_dir=work, backbones=BACKBONES, device="cpu"),
+    result = run_pipeline(RunConfig(data_dir=data, work_dir=work, backbones=BACKBONES, device="cpu", folds=3),
                           progress=False, log=lambda _: None)
     return work, result
 
@@ -114,7 +130,7 @@ def test_run_resumes_after_sigkill_during_training(synth_run, reference_run, tmp
     work = tmp_path / "killed"
     _kill_at(data, work, lambda: (work / "stages" / "default.classifier-tiny-clip-random.json").exists())
     out = _finish_and_compare(data, work, reference_run[0])
-    assert "[skip] default.classifier-tiny-clip-random" in out and "[run]  default.regressor" in out
+    assert "[skip] default.classifier-tiny-clip-random" in out and "[run]  default.ensemble" in out
 
 
 @pytest.mark.slow
@@ -126,7 +142,7 @@ def test_run_resumes_after_sigkill_in_every_stage(synth_run, reference_run, tmp_
         lambda: any((work / "store" / ".shards").rglob("*.npz")) if (work / "store" / ".shards").exists() else False,
         lambda: (work / "store" / "test.tiny-convnext-random.h5").exists(),
         lambda: (stages / "default.classifier-tiny-convnext-random.json").exists(),
-        lambda: (stages / "default.regressor.json").exists(),
+        lambda: (stages / "default.probe-tiny-clip-random+tiny-convnext-random.json").exists(),
         lambda: (stages / "default.ensemble.json").exists(),
     ):
         _kill_at(data, work, condition)
@@ -141,3 +157,29 @@ def test_run_stops_at_validation_on_a_bad_image(synth_run, tmp_path):
     result = runner.invoke(app, ["run", str(bad), "--work", str(tmp_path / "work"), "--backbones", ",".join(BACKBONES), "--device", "cpu"])
     assert result.exit_code == 1 and name in result.stderr and "empty" in result.stderr
     assert not (tmp_path / "work" / "store").exists()
+
+
+def test_a_one_backbone_run_writes_a_valid_submission(synth_run, tmp_path):
+    data, _ = synth_run
+    work = tmp_path / "one"
+    result = run_pipeline(RunConfig(data_dir=data, work_dir=work, backbones=["tiny-clip"], device="cpu", folds=3),
+                          progress=False, log=lambda _: None)
+    record = json.loads((work / "heads" / "default" / "ensemble" / "ensemble.json").read_text())
+    assert [m["name"] for m in record["members"]] == ["classifier-tiny-clip-random", "probe-tiny-clip-random"]
+    got = score(data / "test_ground_truth.csv", result.submission)
+    assert got["score"] > score(data / "test_ground_truth.csv", data / "sample_submission.csv")["score"] + 0.25
+
+
+def test_editing_a_recipe_retrains_what_it_changed(synth_run, reference_run, tmp_path, monkeypatch):
+    """Stage keys hold the resolved configs, not the preset's name."""
+    from geoscout.heads import presets
+
+    data, _ = synth_run
+    work = tmp_path / "work"
+    shutil.copytree(reference_run[0], work)
+    (work / "config.toml").write_text((work / "config.toml").read_text().replace(str(reference_run[0]), str(work)))
+    default = presets.default_classifier
+    monkeypatch.setattr(presets, "default_classifier", lambda: dataclasses.replace(default(), dropout=0.25))
+    again = run_pipeline(RunConfig.from_toml(work / "config.toml"), progress=False, log=lambda _: None)
+    assert set(again.ran) == {"default.classifier-tiny-clip-random", "default.classifier-tiny-convnext-random",
+                              "default.ensemble"}

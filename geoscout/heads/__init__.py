@@ -2,8 +2,16 @@
 probe), their ensemble fitted on out-of-fold outputs, a residual regressor, and decoding to an answer."""
 
 from .api import (
-    EnsembleResult, EvaluationResult, ensemble_outputs, evaluate, fit_ensemble, make_protocol, needs_gallery, predict,
-    read_ensemble, train_members,
+    EnsembleResult,
+    EvaluationResult,
+    ensemble_outputs,
+    evaluate,
+    fit_ensemble,
+    make_protocol,
+    needs_gallery,
+    predict,
+    read_ensemble,
+    train_members,
 )
 from .decode import DecodeConfig
 from .ensemble import EnsembleConfig

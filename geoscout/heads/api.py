@@ -38,7 +38,15 @@ from .folds import Folds, make_folds
 from .geocells import Geocells
 from .inputs import row_statistics, view_means, views_of
 from .members import (
-    LoadedMember, MemberResult, MemberSpec, Protocol, load_member, member_logits, member_metrics, member_oof, train_member,
+    LoadedMember,
+    MemberResult,
+    MemberSpec,
+    Protocol,
+    load_member,
+    member_logits,
+    member_metrics,
+    member_oof,
+    train_member,
 )
 from .models import RegressorConfig, Sniper
 from .regressor import Anchors, RegressorObjective, regressed_points
@@ -204,6 +212,43 @@ def _train_regressor(descriptors: np.ndarray, joint: np.ndarray, geocells: Geoce
     return models, oof_points
 
 
+@dataclass
+class _Pool:
+    temperatures: list[float]
+    weights: np.ndarray
+    joint: np.ndarray  # (M, K) OOF cell log-probabilities of the ensemble
+    metrics: dict[str, float]  # OOF, anchor cell's centroid as the position
+    member_scores: dict[str, dict[str, float]]
+    fallback: str | None  # the member used alone because it beat the pooled ensemble out of fold
+
+
+def _fit_pool(oof: list[np.ndarray], members: _Members, config: EnsembleConfig, class_id: np.ndarray,
+              latlon: np.ndarray) -> _Pool:
+    """Temperatures, then weights, on out-of-fold outputs; the best member alone where it beats the pool."""
+    temperatures = [fit_temperature(z, m.geocells, class_id) if config.temperature else 1.0
+                    for z, m in zip(oof, members.loaded)]
+    if config.weights == "fixed":
+        if len(config.fixed_weights) != len(oof):
+            raise ConfigError(f"{len(config.fixed_weights)} fixed weights for {len(oof)} members")
+        weights = np.asarray(config.fixed_weights, dtype=np.float64) / sum(config.fixed_weights)
+    else:
+        weights = fit_weights([state_log_probs(z, m.geocells, t) for z, m, t in zip(oof, members.loaded, temperatures)],
+                              class_id)
+    member_scores = {name: member_metrics(z, m.geocells, class_id, latlon)
+                     for name, z, m in zip(members.names, oof, members.loaded)}
+    joint = _combine(oof, members, weights, temperatures)
+    metrics = member_metrics(joint, members.geocells, class_id, latlon)
+    # Never below the best member on the rows the choice is made on: fall back to it when it wins.
+    best = max(member_scores, key=lambda n: member_scores[n]["score"])
+    fallback = None
+    if config.weights == "fit" and member_scores[best]["score"] > metrics["score"]:
+        fallback = best
+        weights = np.eye(len(oof))[members.names.index(best)]
+        joint = _combine(oof, members, weights, temperatures)
+        metrics = member_metrics(joint, members.geocells, class_id, latlon)
+    return _Pool(temperatures, weights, joint, metrics, member_scores, fallback)
+
+
 def fit_ensemble(
     train: SplitFeatures, *, member_dirs: list[Path], protocol: Protocol, out_dir: Path, config: EnsembleConfig,
     regressor_config: RegressorConfig, device: str = "auto", seed: int = 0, progress: bool = True,
@@ -218,32 +263,18 @@ def fit_ensemble(
     if card0.validation_digest != protocol.validation_digest:
         raise CheckpointError(f"{members.loaded[0].head_dir} was validated on other rows than this run's validation split")
     fit_class, fit_latlon = train.class_id[folds.fit_rows], train.latlon[folds.fit_rows]
-    oof = [member_oof(m, train, folds) for m in members.loaded]
-    if config.flip_tta != "none":
-        warn("flip TTA is not fitted on out-of-fold outputs yet, so it is left out")
+    pooled = _fit_pool([member_oof(m, train, folds) for m in members.loaded], members, config, fit_class, fit_latlon)
     flip_tta = "none"
-
-    temperatures = [fit_temperature(z, m.geocells, fit_class) if config.temperature else 1.0
-                    for z, m in zip(oof, members.loaded)]
-    if config.weights == "fixed":
-        if len(config.fixed_weights) != len(oof):
-            raise ConfigError(f"{len(config.fixed_weights)} fixed weights for {len(oof)} members")
-        weights = np.asarray(config.fixed_weights, dtype=np.float64) / sum(config.fixed_weights)
-    else:
-        weights = fit_weights([state_log_probs(z, m.geocells, t) for z, m, t in zip(oof, members.loaded, temperatures)],
-                              fit_class)
-    member_scores = {name: member_metrics(z, m.geocells, fit_class, fit_latlon)
-                     for name, z, m in zip(members.names, oof, members.loaded)}
-    joint = _combine(oof, members, weights, temperatures)
-    ensemble_metrics = member_metrics(joint, members.geocells, fit_class, fit_latlon)
-    # Never below the best member on the rows the choice is made on: fall back to it when it wins.
-    best = max(member_scores, key=lambda n: member_scores[n]["score"])
-    fallback = None
-    if config.weights == "fit" and member_scores[best]["score"] > ensemble_metrics["score"]:
-        fallback = best
-        weights = np.eye(len(oof))[members.names.index(best)]
-        joint = _combine(oof, members, weights, temperatures)
-        ensemble_metrics = member_metrics(joint, members.geocells, fit_class, fit_latlon)
+    if config.flip_tta != "none":
+        mirrored = [member_oof(m, train, folds, config.flip_tta) for m in members.loaded]
+        if any(z is None for z in mirrored):
+            warn(f"flip TTA {config.flip_tta!r} is left out: the members have no mirrored views (extract with --flip)")
+        else:
+            with_tta = _fit_pool(mirrored, members, config, fit_class, fit_latlon)
+            if with_tta.metrics["score"] > pooled.metrics["score"]:  # kept only where it wins out of fold
+                pooled, flip_tta = with_tta, config.flip_tta
+    weights, temperatures, joint, member_scores = pooled.weights, pooled.temperatures, pooled.joint, pooled.member_scores
+    ensemble_metrics, fallback = pooled.metrics, pooled.fallback
 
     out_dir = Path(out_dir)
     with atomic_dir(out_dir) as tmp:

@@ -3,7 +3,8 @@
   head.json           the card: kind, backbones, config, classes, geocells, the fingerprints of the
                       features it was trained on, the validation and fold digests, metrics
   fold{k}.safetensors the weights of the model trained without fold k
-  oof.safetensors     "outputs": what each fit row got from the model that never saw it; "sample_id"
+  oof.safetensors     "outputs": what each fit row got from the model that never saw it; "sample_id";
+                      "outputs:swap" / "outputs:naive": the same for the mirrored views (stores with --flip)
 
 A head is rebuilt from its folder alone (config + weights), and refuses features of other data or
 another backbone. Folders are written whole: to `NAME.tmp`, renamed into place last (atomic.py).
@@ -73,7 +74,7 @@ def weights_sha256(head_dir: Path) -> str:
     return h.hexdigest()
 
 
-def save_head(head_dir: Path, modules: list[nn.Module], card: HeadCard, oof: np.ndarray | None = None,
+def save_head(head_dir: Path, modules: list[nn.Module], card: HeadCard, oof: dict[str, np.ndarray] | None = None,
               oof_sample_id: np.ndarray | None = None) -> None:
     """Write into an existing (fresh) folder; callers make it whole with atomic.atomic_dir."""
     head_dir = Path(head_dir)
@@ -82,9 +83,10 @@ def save_head(head_dir: Path, modules: list[nn.Module], card: HeadCard, oof: np.
     for k, module in enumerate(modules):
         state = {name: t.detach().cpu().contiguous() for name, t in module.state_dict().items()}
         save_file(state, str(head_dir / fold_file(k)), metadata={"format": CARD_FORMAT, "kind": card.kind, "fold": str(k)})
-    if oof is not None:
-        save_file({"outputs": torch.from_numpy(np.ascontiguousarray(oof, dtype=np.float32)),
-                   "sample_id": torch.from_numpy(np.asarray(oof_sample_id, dtype=np.int64))}, str(head_dir / OOF_FILE))
+    if oof is not None:  # {"": plain outputs, "swap"/"naive": mirrored ones}
+        tensors = {("outputs" if mode == "" else f"outputs:{mode}"): torch.from_numpy(np.ascontiguousarray(v, dtype=np.float32))
+                   for mode, v in oof.items()}
+        save_file({**tensors, "sample_id": torch.from_numpy(np.asarray(oof_sample_id, dtype=np.int64))}, str(head_dir / OOF_FILE))
     atomic_write_text(head_dir / CARD_FILE, json.dumps(dataclasses.asdict(card), indent=1) + "\n")
 
 
@@ -121,13 +123,15 @@ def load_weights(module: nn.Module, head_dir: Path, k: int) -> nn.Module:
     return module.eval()
 
 
-def read_oof(head_dir: Path) -> tuple[np.ndarray, np.ndarray]:
-    """(outputs (M, K) float32, sample_id (M,)) of the fit rows, each from the fold model that never saw it."""
+def read_oof(head_dir: Path) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """({"": outputs (M, K) float32, and "swap"/"naive" for mirrored views where present}, sample_id (M,)) of
+    the fit rows, each from the fold model that never saw it."""
     path = Path(head_dir) / OOF_FILE
     if not path.is_file():
         raise CheckpointError(f"{head_dir}: no {OOF_FILE}")
     data = load_file(str(path))
-    return data["outputs"].numpy(), data["sample_id"].numpy()
+    outputs = {name.partition(":")[2]: t.numpy() for name, t in data.items() if name.startswith("outputs")}
+    return outputs, data["sample_id"].numpy()
 
 
 def check_features(card: HeadCard, features: SplitFeatures, head_dir: Path) -> None:

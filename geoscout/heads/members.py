@@ -22,13 +22,13 @@ from ..metric import score_predictions
 from ..store.features import SplitFeatures
 from .checkpoint import CheckpointError, HeadCard, check_features, load_weights, read_card, read_oof, save_head
 from .classifier import ClassifierObjective, ProbeObjective, probe_logits, scout_logits
+from .configio import config_from_dict, config_to_dict
 from .folds import Folds
 from .geocells import Geocells, make_geocells
 from .inputs import Views, flipped_views_of, row_statistics, view_means, view_statistics, views_of
 from .models import ClassifierConfig, Probe, ProbeConfig, Scout
-from .configio import config_from_dict, config_to_dict
 from .training import fit, seeded, top5_from_logits
-from .tta import mirrored_views
+from .tta import TTA_MODES, mirrored_views
 
 EVAL_BATCH = 4096
 MEMBER_KINDS = ("classifier", "probe")
@@ -110,6 +110,20 @@ def _cross_fit(build: Callable[[], nn.Module], objective, folds: Folds, outputs:
     return models, oof, details
 
 
+def _outputs(kind: str, views: Views, *, device: torch.device) -> Callable[[nn.Module, np.ndarray], np.ndarray]:
+    """(module, rows) -> the module's logits for those rows of `views`, in eval mode."""
+    if kind == "classifier":
+        return lambda m, rows: scout_logits(m, views, rows, batch_size=EVAL_BATCH, device=device)
+    means = view_means(views)
+    return lambda m, rows: probe_logits(m, means, rows, batch_size=EVAL_BATCH, device=device)
+
+
+def _mirrored(split: SplitFeatures, backbones: tuple[str, ...] | list[str], mode: str) -> Views | None:
+    """The mirrored views of a store extracted with --flip, moved to their mirrored slots (tta.py)."""
+    flipped = flipped_views_of(split, backbones)
+    return None if flipped is None else Views(*mirrored_views(flipped.features, flipped.mask, mode))
+
+
 def _card(spec: MemberSpec, train: SplitFeatures, protocol: Protocol, geocells: Geocells, input_dim: int,
           metrics: dict) -> HeadCard:
     return HeadCard(
@@ -146,9 +160,8 @@ def train_member(train: SplitFeatures, spec: MemberSpec, protocol: Protocol, out
             module.standardize.set_statistics(mean, std)
             return module
 
-        models, oof, details = _cross_fit(
-            build, objective, folds, lambda m, rows: scout_logits(m, views, rows, batch_size=EVAL_BATCH, device=device),
-            config.train, seed=seed, device=device, desc=spec.name, progress=progress)
+        models, oof, details = _cross_fit(build, objective, folds, _outputs(spec.kind, views, device=device), config.train,
+                                          seed=seed, device=device, desc=spec.name, progress=progress)
         extra = {}
     else:
         config: ProbeConfig = spec.config
@@ -166,9 +179,9 @@ def train_member(train: SplitFeatures, spec: MemberSpec, protocol: Protocol, out
         tried, best = [], None
         for l2 in config.l2:
             objective = ProbeObjective(means, train.class_id, l2=l2)
-            models_l2, oof_l2, details_l2 = _cross_fit(
-                build, objective, folds, lambda m, rows: probe_logits(m, means, rows, batch_size=EVAL_BATCH, device=device),
-                config.train, seed=seed, device=device, desc=f"{spec.name} l2={l2:g}", progress=progress)
+            models_l2, oof_l2, details_l2 = _cross_fit(build, objective, folds, _outputs(spec.kind, views, device=device),
+                                                       config.train, seed=seed, device=device,
+                                                       desc=f"{spec.name} l2={l2:g}", progress=progress)
             nll = member_metrics(oof_l2, geocells, fit_class, fit_latlon)["nll"]
             tried.append({"l2": l2, "oof_nll": nll})
             if best is None or nll < best[0]:
@@ -176,10 +189,22 @@ def train_member(train: SplitFeatures, spec: MemberSpec, protocol: Protocol, out
         _, chosen, models, oof, details = best
         extra = {"l2_tried": tried, "l2": chosen, "sklearn_C": 1.0 / (chosen * len(folds.fit_rows))}
     oof_metrics = member_metrics(oof, geocells, fit_class, fit_latlon)
+    # Out-of-fold outputs of the mirrored views too, where the store has them: the ensemble decides on
+    # these rows whether flip test-time augmentation helps.
+    mirrored_oof = {}
+    for mode in TTA_MODES[1:]:
+        mirrored = _mirrored(train, spec.backbones, mode)
+        if mirrored is None:
+            break
+        outputs = _outputs(spec.kind, mirrored, device=device)
+        mirrored_oof[mode] = np.zeros_like(oof)
+        for k, module in enumerate(models):
+            mirrored_oof[mode][folds.fold == k] = outputs(module.to(device), folds.heldout_rows(k))
+            module.cpu()
     seconds = time.perf_counter() - started
     card = _card(spec, train, protocol, geocells, dim, {"oof": oof_metrics, "folds": details, "seconds": seconds,
                                                         "seed": seed, **extra})
-    save_head(out_dir, models, card, oof=oof, oof_sample_id=train.sample_id[folds.fit_rows])
+    save_head(out_dir, models, card, oof={"": oof, **mirrored_oof}, oof_sample_id=train.sample_id[folds.fit_rows])
     return MemberResult(spec.name, Path(out_dir), oof_metrics, seconds, {"folds": details, **extra})
 
 
@@ -223,25 +248,20 @@ def member_logits(member: LoadedMember, features: SplitFeatures, *, device: torc
     the plain and the mirrored views' logits (views moved to their mirrored slots, see tta.py)."""
     check_features(member.card, features, member.head_dir)
     rows = np.arange(len(features))
-    views = views_of(features, member.card.backbones)
-    variants = [views]
+    variants = [views_of(features, member.card.backbones)]
     if flip_tta != "none":
-        flipped = flipped_views_of(features, member.card.backbones)
-        if flipped is None:
+        mirrored = _mirrored(features, member.card.backbones, flip_tta)
+        if mirrored is None:
             raise ConfigError(f"flip TTA needs the mirrored views of {member.card.backbones}: extract the store with --flip")
-        variants.append(Views(*mirrored_views(flipped.features, flipped.mask, flip_tta)))
-    logits = []
-    for v in variants:
-        if member.card.kind == "classifier":
-            logits.append(_fold_mean(member.models, lambda m: scout_logits(m, v, rows, batch_size=EVAL_BATCH, device=device), device))
-        else:
-            means = view_means(v)
-            logits.append(_fold_mean(member.models, lambda m: probe_logits(m, means, rows, batch_size=EVAL_BATCH, device=device), device))
+        variants.append(mirrored)
+    logits = [_fold_mean(member.models, lambda m: _outputs(member.card.kind, v, device=device)(m, rows), device)
+              for v in variants]
     return np.mean(logits, axis=0).astype(np.float32)
 
 
-def member_oof(member: LoadedMember, train: SplitFeatures, folds: Folds) -> np.ndarray:
-    """The member's OOF outputs, checked to be of these fit rows in this fold assignment."""
+def member_oof(member: LoadedMember, train: SplitFeatures, folds: Folds, flip_tta: str = "none") -> np.ndarray | None:
+    """The member's OOF outputs (with flip TTA: the mean of the plain and the mirrored ones, or None when
+    the member has no mirrored OOF outputs), checked to be of these fit rows in this fold assignment."""
     if member.card.folds_digest != folds.digest:
         raise CheckpointError(
             f"{member.head_dir} was cross-fitted on other rows or folds ({member.card.folds_digest}) than these "
@@ -250,4 +270,8 @@ def member_oof(member: LoadedMember, train: SplitFeatures, folds: Folds) -> np.n
     outputs, sample_id = read_oof(member.head_dir)
     if not np.array_equal(sample_id, train.sample_id[folds.fit_rows]):
         raise CheckpointError(f"{member.head_dir}: its out-of-fold rows are not these fit rows")
-    return outputs
+    if flip_tta == "none":
+        return outputs[""]
+    if flip_tta not in outputs:
+        return None
+    return ((outputs[""].astype(np.float64) + outputs[flip_tta]) / 2).astype(np.float32)
