@@ -50,7 +50,7 @@ class ViewsDataset(Dataset):
             except ImageError as exc:
                 ok[view], errors[view] = False, str(exc)
                 if self.bad_images == "fail":
-                    name = self.table.image_names[row, view]
+                    name = str(self.table.image_names[row, view])
                     errors[view] = (f"{self.table.csv_path} sample_id={self.table.sample_id[row]} "
                                     f"column image_{VIEWS[view]}={name!r}: {exc} (use --bad-images mask to skip such views)")
         return row, torch.from_numpy(images).permute(0, 3, 1, 2), torch.from_numpy(ok), errors
