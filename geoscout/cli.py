@@ -157,6 +157,39 @@ def extract(
 
 
 @app.command()
+def doctor(
+    data_dir: Annotated[Optional[Path], typer.Argument(help="Competition folder: project its time and store size, and time decoding its JPEGs [default: the competition's 65,980 + 16,495 locations].")] = None,
+    backbone: Annotated[list[str], typer.Option("--backbone", "-b", help="Backbone(s) to check and time (repeat) [default: streetclip, convnextv2-large].")] = [],
+    weights: Annotated[list[str], typer.Option(help="BACKBONE=PATH or BACKBONE=HUB_ID: weights to find and hash (real backbones are timed with random weights without them).")] = [],
+    store: Annotated[Optional[Path], typer.Option(help="Where the feature store will go: HDF5 locking and free disk are checked there [default: the current folder].")] = None,
+    device: Annotated[str, typer.Option(help=f"Where to time the backbones: {DEVICE_HELP}.")] = "auto",
+    precision: Annotated[str, typer.Option(help=f"As for extract: {PRECISION_HELP}.")] = "auto",
+    compile: Annotated[Optional[bool], typer.Option("--compile/--no-compile", help="As for extract [default: on with CUDA, off on the CPU].", show_default=False)] = None,
+    batch_size: Annotated[int, typer.Option(help="Views per batch (0: extract's default, 256 on GPU, 32 on CPU).")] = 0,
+    batches: Annotated[int, typer.Option(help="Timed batches per backbone, after warm-up.", min=1)] = 3,
+    workers: Annotated[int, typer.Option(help="Decoding workers to plan and time (-1: extract's default).")] = -1,
+) -> None:
+    """Check this machine for extraction and project how long it takes.
+
+    Prints torch/CUDA/cuDNN versions, the GPU and its bf16 support, whether torch.compile works,
+    the FAISS build, /dev/shm, HDF5 file locking, free disk against the store's size, the weights
+    and their hashes; then times a few batches of each backbone and projects the extraction time.
+    Exits 1 when a check fails.
+    """
+    from .doctor import run_doctor
+
+    with _expected_failures():
+        report = run_doctor(
+            data_dir, backbones=backbone or ["streetclip", "convnextv2-large"], weights=_parse_weights(weights),
+            store_dir=store, device=device, precision=precision, compile=compile, batch_size=batch_size,
+            batches=batches, workers=workers,
+        )
+    typer.echo(report.table())
+    if report.failed:
+        raise typer.Exit(1)
+
+
+@app.command()
 def backbones() -> None:
     """List the registered backbones with their input size, embedding size and weights source."""
     from .extract.backbones import BACKBONES

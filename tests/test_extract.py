@@ -198,27 +198,12 @@ def test_bad_image_mask_policy_masks_and_logs(synth_dir, tmp_path):
     assert log.rows() == [(sid, "east", name, log["error"][0])] and "truncated" in log["error"][0]
 
 
-def test_streetclip_from_a_huggingface_folder_end_to_end(synth_master, tmp_path):
+def test_streetclip_from_a_huggingface_folder_end_to_end(synth_master, tiny_hf_clip_folder, tmp_path):
     """The real `streetclip` entry, fed a tiny HF CLIPModel folder: store rows equal the embedder's output."""
     import hashlib
     import json
 
-    import torch
-    transformers = pytest.importorskip("transformers")
-    from geoscout.data import load_competition
-    from geoscout.extract.backbones import load_backbone
-    from geoscout.extract.dataset import ViewsDataset
-
-    torch.manual_seed(0)
-    config = transformers.CLIPConfig(
-        vision_config=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
-                           patch_size=8, image_size=32, hidden_act="quick_gelu"),
-        text_config=dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
-                         vocab_size=50, max_position_embeddings=8, bos_token_id=0, eos_token_id=1, pad_token_id=1),
-        projection_dim=8,
-    )
-    folder = tmp_path / "StreetCLIP"
-    transformers.CLIPModel(config).save_pretrained(folder)
+    folder = tiny_hf_clip_folder
     store = tmp_path / "store"
     extract(synth_master, store, backbones=["streetclip"], weights={"streetclip": str(folder)}, splits=("train",),
             device="cpu", workers=0, progress=False)
