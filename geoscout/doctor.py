@@ -93,7 +93,7 @@ def _torch(report: DoctorReport, device: torch.device, precision: str) -> None:
     report.add(s, "precision", f"{precision} (part of each store's identity)", "ok")
 
 
-def _compile(report: DoctorReport, device: torch.device) -> None:
+def _compile(report: DoctorReport, device: torch.device) -> bool:
     default = device.type == "cuda"
     started = time.perf_counter()
     try:
@@ -104,9 +104,10 @@ def _compile(report: DoctorReport, device: torch.device) -> None:
     except Exception as exc:  # noqa: BLE001 - any failure is the finding
         fix = "extract compiles by default here: pass --no-compile" if default else "extract does not compile on the CPU by default"
         report.add("compile", "torch.compile", f"fails ({_first_line(exc)}); {fix}", "fail" if default else "warn")
-        return
+        return False
     when = "on by default with CUDA (--no-compile to opt out)" if default else "off by default on the CPU (--compile to opt in)"
     report.add("compile", "torch.compile", f"works ({time.perf_counter() - started:.1f} s for a small function); {when}", "ok")
+    return True
 
 
 def _faiss(report: DoctorReport) -> None:
@@ -283,7 +284,8 @@ def run_doctor(
     folder = Path(store_dir) if store_dir is not None else Path.cwd()
 
     _torch(report, torch_device, precision)
-    _compile(report, torch_device)
+    if not _compile(report, torch_device) and compile:
+        compile = False  # timed eager, as `extract --no-compile` would run
     _faiss(report)
     workers = _host(report, workers=workers if workers >= 0 else default_workers(), batch_views=batch_views)
 

@@ -374,3 +374,19 @@ def test_torchrun_rank_that_fails_ends_every_process_and_a_rerun_completes(synth
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert_same_store(store, reference_store)
+
+
+@pytest.mark.slow
+def test_a_machine_where_compile_fails_gets_one_line_naming_no_compile(synth_master, tmp_path, monkeypatch):
+    import torch._inductor.config as inductor
+
+    from geoscout.doctor import run_doctor
+
+    monkeypatch.setattr(inductor.cpp, "cxx", ("/nonexistent/c++",))  # no C++ compiler, as on some GPU images
+    monkeypatch.setattr(inductor, "fx_graph_cache", False)
+    with pytest.raises(runner.CompileFailed, match="tiny-convnext-random.*No working C.. compiler.*rerun with --no-compile"):
+        run_extract(synth_master, tmp_path / "store", backbones=["tiny-convnext"], splits=("test",), compile=True)
+    report = run_doctor(backbones=["tiny-convnext"], store_dir=tmp_path, device="cpu", compile=True, batches=1)
+    row = next(f for f in report.findings if f.name == "torch.compile")
+    assert row.status == "warn" and "fails" in row.value  # off by default on the CPU: a warning there
+    assert "compile off" in next(f for f in report.findings if f.name == "setting").value  # timed eager instead

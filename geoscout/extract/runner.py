@@ -54,6 +54,24 @@ class NonFiniteFeatures(GeoscoutError, FloatingPointError):
     """A backbone produced inf/nan (or values float16 cannot hold) for some views."""
 
 
+class CompileFailed(GeoscoutError, RuntimeError):
+    """torch.compile could not compile a backbone on this machine (no C compiler, an unsupported op...)."""
+
+
+def _compiled(embedder):
+    """The embedder compiled for one batch shape; a compiler failure becomes one line naming --no-compile."""
+    compiled = torch.compile(embedder, dynamic=False)
+
+    def run(images: torch.Tensor) -> dict[str, torch.Tensor]:
+        try:
+            return compiled(images)
+        except torch._dynamo.exc.TorchDynamoException as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise CompileFailed(f"torch.compile failed for {embedder.spec.name} ({first}); rerun with --no-compile "
+                                "(`geoscout doctor` says whether compile works here)") from exc
+    return run
+
+
 def _write_manifest(store_dir: Path, competition: Competition) -> None:
     path = store_dir / MANIFEST
     manifest = {
@@ -344,7 +362,7 @@ def _extract(ranks: Ranks, data_dir: Path, store_dir: Path, *, backbones, weight
     plan = ranks.broadcast("plan the shards", lambda: _plan(
         store_dir, competition, splits, loaded, flip=flip, shard_size=shard_size, precision=precision, overwrite=overwrite))
     # compiled once per backbone (not per split), for one batch shape: short batches are padded
-    runners = {name: torch.compile(b.embedder, dynamic=False) if compiled else b.embedder for name, b in loaded.items()}
+    runners = {name: _compiled(b.embedder) if compiled else b.embedder for name, b in loaded.items()}
     result = ExtractResult(store_dir, device=str(torch_device), precision=precision, compiled=compiled, workers=loader.workers)
 
     def embed_my_shards() -> int:
