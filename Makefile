@@ -6,6 +6,8 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 # torch/torchvision: any recent build works; these two lie on the development machines' disk.
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
+# FAISS build: cpu, or gpu (faiss-gpu-cu12) on a CUDA machine; never both (they share one package folder)
+FAISS ?= cpu
 
 .PHONY: demo test test-all install clean
 
@@ -13,7 +15,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q $(TORCH_PINS)
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q -e '.[$(FAISS),test]'
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from torch.utils.data import DataLoader
 
+from geoscout import host
 from geoscout.competition import TRAIN_CSV, VIEWS
 from geoscout.data import load_competition
 from geoscout.extract import backbones
@@ -19,7 +20,7 @@ SHARD_SIZE = 1024  # extract's default
 
 
 def default_workers() -> int:
-    return min(8, os.cpu_count() or 1)  # what extract picks for workers=-1 in one process
+    return host.default_workers()  # what extract picks for workers=-1 in one process
 
 
 def ensure_data(data_dir: Path, locations: int) -> Path:

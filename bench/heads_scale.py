@@ -168,6 +168,7 @@ def write_store(store_dir: Path, splits: dict[str, SplitFeatures]) -> None:
                 dataset_fingerprint=feats.dataset_fingerprint,
                 backbone_fingerprint=feats.backbone_fingerprints[backbone], spec={}, weights_identity={},
                 preprocessing={}, classes=feats.classes.tolist(), dims={"features": arr.shape[2]}, shard_size=SHARD_SIZE,
+                precision="fp32",
             )
             writer = ShardedWriter(store_dir, identity)
             writer.prepare()

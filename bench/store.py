@@ -59,7 +59,7 @@ def build_store(store_dir: Path, rows: int, dim: int, shard_size: int, seed: int
     identity = StoreIdentity(
         split=SPLIT, backbone=BACKBONE, n_rows=rows, split_fingerprint="bench", dataset_fingerprint="bench",
         backbone_fingerprint="bench", spec={}, weights_identity={}, preprocessing={}, classes=classes,
-        dims={"features": dim}, shard_size=shard_size,
+        dims={"features": dim}, shard_size=shard_size, precision="fp32",
     )
     writer = ShardedWriter(store_dir, identity)
     writer.prepare()

@@ -11,7 +11,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from .device import DEVICE_HELP
+from .device import DEVICE_HELP, PRECISION_HELP
 from .errors import ConfigError, GeoscoutError, GeoscoutWarning
 
 app = typer.Typer(
@@ -135,31 +135,67 @@ def extract(
     weights: Annotated[list[str], typer.Option(help="BACKBONE=PATH or BACKBONE=HUB_ID: a HuggingFace StreetCLIP folder, a timm checkpoint file, or a hub id when online. Required for real backbones.")] = [],
     split: Annotated[list[str], typer.Option(help="Split(s) to embed: train, test.")] = ["train", "test"],
     device: Annotated[str, typer.Option(help=f"Where the backbones run: {DEVICE_HELP}.")] = "auto",
+    precision: Annotated[str, typer.Option(help=f"What the backbones compute in: {PRECISION_HELP}. Part of the store's identity: a store is never completed or reused at another precision.")] = "auto",
+    compile: Annotated[Optional[bool], typer.Option("--compile/--no-compile", help="torch.compile each backbone once, for one batch shape [default: on with CUDA, off on the CPU].", show_default=False)] = None,
     batch_size: Annotated[int, typer.Option(help="Views per forward pass (0: 256 on GPU, 32 on CPU).")] = 0,
-    workers: Annotated[int, typer.Option(help="DataLoader decoding processes (-1: up to 8).")] = -1,
+    workers: Annotated[int, typer.Option(help="DataLoader decoding processes (-1: the CPUs this process may use, shared by the processes on this node, at most 8; fewer when /dev/shm is small).")] = -1,
     bad_images: Annotated[str, typer.Option(help="fail: stop on a bad image; mask: mask the view, log it, carry on.")] = "fail",
+    check_images: Annotated[bool, typer.Option("--check-images/--no-check-images", help="Decode every image before embedding (shared by torchrun processes). Skip it when `geoscout validate` passed: a bad image then stops the run where it is met.")] = True,
     shard_size: Annotated[int, typer.Option(help="Locations per crash-safe shard.")] = 1024,
-    compile: Annotated[bool, typer.Option(help="torch.compile the backbones (faster on long runs).")] = False,
-    overwrite: Annotated[bool, typer.Option(help="Replace stores made with other weights or preprocessing.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace stores made with other weights, preprocessing or precision.")] = False,
     flip: Annotated[bool, typer.Option(help="Also embed every view mirrored left-right (features_flip), for flip test-time augmentation.")] = False,
 ) -> None:
     """Embed every view with frozen backbones into an HDF5 feature store.
 
     Resumable: rerun the same command after a crash and it finishes the job. Multi-GPU:
-    `torchrun --nproc-per-node K -m geoscout.cli extract ...`.
+    `torchrun --nproc-per-node K -m geoscout.cli extract ...`; if one process fails, all stop
+    with an error and a rerun resumes. `geoscout doctor` checks a machine first.
     """
     from .extract.runner import extract as run_extract
 
     with _expected_failures():
         result = run_extract(
             data_dir, store_dir, backbones=backbone, weights=_parse_weights(weights), splits=tuple(split),
-            device=device, batch_size=batch_size, workers=workers, bad_images=bad_images, shard_size=shard_size,
-            compile=compile, overwrite=overwrite, flip=flip,
+            device=device, precision=precision, compile=compile, batch_size=batch_size, workers=workers,
+            bad_images=bad_images, check_images=check_images, shard_size=shard_size, overwrite=overwrite, flip=flip,
         )
     for item in result.written:
         typer.echo(f"wrote {item}")
     for item in result.skipped:
         typer.echo(f"already complete: {item}")
+
+
+@app.command()
+def doctor(
+    data_dir: Annotated[Optional[Path], typer.Argument(help="Competition folder: project its time and store size, and time decoding its JPEGs [default: the competition's 65,980 + 16,495 locations].")] = None,
+    backbone: Annotated[list[str], typer.Option("--backbone", "-b", help="Backbone(s) to check and time (repeat) [default: streetclip, convnextv2-large].")] = [],
+    weights: Annotated[list[str], typer.Option(help="BACKBONE=PATH or BACKBONE=HUB_ID: weights to find and hash (real backbones are timed with random weights without them).")] = [],
+    store: Annotated[Optional[Path], typer.Option(help="Where the feature store will go: HDF5 locking and free disk are checked there [default: the current folder].")] = None,
+    device: Annotated[str, typer.Option(help=f"Where to time the backbones: {DEVICE_HELP}.")] = "auto",
+    precision: Annotated[str, typer.Option(help=f"As for extract: {PRECISION_HELP}.")] = "auto",
+    compile: Annotated[Optional[bool], typer.Option("--compile/--no-compile", help="As for extract [default: on with CUDA, off on the CPU].", show_default=False)] = None,
+    batch_size: Annotated[int, typer.Option(help="Views per batch (0: extract's default, 256 on GPU, 32 on CPU).")] = 0,
+    batches: Annotated[int, typer.Option(help="Timed batches per backbone, after warm-up.", min=1)] = 3,
+    workers: Annotated[int, typer.Option(help="Decoding workers to plan and time (-1: extract's default).")] = -1,
+) -> None:
+    """Check this machine for extraction and project how long it takes.
+
+    Prints torch/CUDA/cuDNN versions, the GPU and its bf16 support, whether torch.compile works,
+    the FAISS build, /dev/shm, HDF5 file locking, free disk against the store's size, the weights
+    and their hashes; then times a few batches of each backbone and projects the extraction time.
+    Exits 1 when a check fails.
+    """
+    from .doctor import run_doctor
+
+    with _expected_failures():
+        report = run_doctor(
+            data_dir, backbones=backbone or ["streetclip", "convnextv2-large"], weights=_parse_weights(weights),
+            store_dir=store, device=device, precision=precision, compile=compile, batch_size=batch_size,
+            batches=batches, workers=workers,
+        )
+    typer.echo(report.table())
+    if report.failed:
+        raise typer.Exit(1)
 
 
 @app.command()

@@ -13,12 +13,18 @@ from __future__ import annotations
 
 from typing import Literal
 
-import faiss
 import h5py
 import numpy as np
 
 from .competition import NUM_VIEWS
 from .errors import ConfigError
+
+try:
+    import faiss
+except ModuleNotFoundError as err:  # FAISS comes from an extra, so that CPU and GPU builds never both install
+    raise ModuleNotFoundError(
+        "faiss is not installed: pip install 'geoscout[cpu]', or 'geoscout[gpu]' on a CUDA 12 machine (one of the two)"
+    ) from err
 
 DEFAULT_BLOCK_SIZE = 16384
 GPU_MAX_K = 2048  # faiss GPU brute-force search selects at most this many neighbours

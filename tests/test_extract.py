@@ -12,13 +12,20 @@ import h5py
 import numpy as np
 import polars as pl
 import pytest
+import torch
+from typer.testing import CliRunner
 
+from geoscout.cli import app
 from geoscout.data import load_competition
+from geoscout.errors import GeoscoutWarning
+from geoscout.extract import runner
 from geoscout.extract.backbones import load_backbone
 from geoscout.extract.dataset import ViewsDataset
-from geoscout.extract.runner import StoreConflict, extract
+from geoscout.extract.runner import NonFiniteFeatures, StoreConflict, extract
+from geoscout.images import ImageError
 from geoscout.problems import InputError
 from geoscout.store.reader import StoreError, read_split
+from geoscout.store.writer import ShardedWriter
 
 BACKBONES = ["tiny-clip-random", "tiny-convnext-random"]
 
@@ -191,37 +198,12 @@ def test_bad_image_mask_policy_masks_and_logs(synth_dir, tmp_path):
     assert log.rows() == [(sid, "east", name, log["error"][0])] and "truncated" in log["error"][0]
 
 
-def test_torchrun_two_processes_equal_one(synth_master, reference_store, tmp_path):
-    store = tmp_path / "store"
-    torchrun = Path(sys.executable).with_name("torchrun")
-    # --standalone picks a free port; _cli(...)[1:] is "-m geoscout.cli extract ..."
-    cmd = [str(torchrun), "--standalone", "--nproc-per-node", "2", *_cli(synth_master, store)[1:]]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert_same_store(store, reference_store)
-
-
-def test_streetclip_from_a_huggingface_folder_end_to_end(synth_master, tmp_path):
+def test_streetclip_from_a_huggingface_folder_end_to_end(synth_master, tiny_hf_clip_folder, tmp_path):
     """The real `streetclip` entry, fed a tiny HF CLIPModel folder: store rows equal the embedder's output."""
     import hashlib
     import json
 
-    import torch
-    transformers = pytest.importorskip("transformers")
-    from geoscout.data import load_competition
-    from geoscout.extract.backbones import load_backbone
-    from geoscout.extract.dataset import ViewsDataset
-
-    torch.manual_seed(0)
-    config = transformers.CLIPConfig(
-        vision_config=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
-                           patch_size=8, image_size=32, hidden_act="quick_gelu"),
-        text_config=dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
-                         vocab_size=50, max_position_embeddings=8, bos_token_id=0, eos_token_id=1, pad_token_id=1),
-        projection_dim=8,
-    )
-    folder = tmp_path / "StreetCLIP"
-    transformers.CLIPModel(config).save_pretrained(folder)
+    folder = tiny_hf_clip_folder
     store = tmp_path / "store"
     extract(synth_master, store, backbones=["streetclip"], weights={"streetclip": str(folder)}, splits=("train",),
             device="cpu", workers=0, progress=False)
@@ -237,3 +219,174 @@ def test_streetclip_from_a_huggingface_folder_end_to_end(synth_master, tmp_path)
     expected = embedder(images)
     np.testing.assert_allclose(stored.reshape(12, 32), expected["features"].numpy(), atol=2e-3, rtol=2e-3)  # fp16 store
     np.testing.assert_allclose(projected.reshape(12, 8), expected["projected"].numpy(), atol=2e-3, rtol=2e-3)
+
+
+def _cosines(a, b):
+    a, b = a.astype(np.float32).reshape(-1, a.shape[-1]), b.astype(np.float32).reshape(-1, b.shape[-1])
+    return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+
+
+def test_bf16_on_the_cpu_agrees_with_fp32_and_the_store_records_it(synth_master, reference_store, tmp_path):
+    store = tmp_path / "store"
+    args = ["extract", str(synth_master), str(store), *sum((["-b", b] for b in BACKBONES), []), "--split", "test",
+            "--precision", "bf16", "--device", "cpu", "--workers", "0", "--shard-size", "4", "--batch-size", "16"]
+    done = CliRunner().invoke(app, args)
+    assert done.exit_code == 0, done.output
+    assert "precision bf16, compile off" in done.stderr  # compile stays off on the CPU unless asked for
+    for name in BACKBONES:
+        with h5py.File(store / f"test.{name}.h5", "r") as f, h5py.File(reference_store / f"test.{name}.h5", "r") as ref:
+            assert f.attrs["precision"] == "bf16" and ref.attrs["precision"] == "fp32"
+            assert f.attrs["backbone_fingerprint"] != ref.attrs["backbone_fingerprint"]  # heads never mix the two
+            for key in ("features", "projected") if "projected" in f else ("features",):
+                low, full = f[key][()], ref[key][()]
+                assert not np.array_equal(low, full)  # bf16 autocast really ran
+                assert _cosines(low, full).min() >= 0.99, (name, key)
+
+
+def _stop_before_sealing(self, sample_id):
+    raise RuntimeError("stopped before sealing")
+
+
+def test_a_store_is_never_completed_or_reused_at_another_precision(synth_master, reference_store, tmp_path, monkeypatch):
+    name = "tiny-clip-random"
+    one = dict(backbones=[name], splits=("test",))
+    store, fresh = tmp_path / "store", tmp_path / "fresh"
+    # an fp32 run that computed every shard and stopped before sealing
+    monkeypatch.setattr(ShardedWriter, "seal", _stop_before_sealing)
+    with pytest.raises(RuntimeError, match="before sealing"):
+        run_extract(synth_master, store, **one)
+    assert len(list((store / ".shards" / f"test.{name}").glob("shard_*.npz"))) == 3
+    monkeypatch.undo()
+    # resumed at bf16: the fp32 shards are discarded, never mixed in
+    with pytest.warns(GeoscoutWarning, match="discarding 3 shard.*precision fp32, this run asks for bf16"):
+        run_extract(synth_master, store, precision="bf16", **one)
+    run_extract(synth_master, fresh, precision="bf16", **one)
+    assert_same_store(store, fresh)
+    # a sealed bf16 store is not reused, nor silently replaced, by an fp32 run
+    with pytest.raises(StoreConflict, match="computed at precision bf16, not fp32; pass --overwrite"):
+        run_extract(synth_master, store, precision="fp32", **one)
+    run_extract(synth_master, store, precision="fp32", overwrite=True, **one)
+    with h5py.File(store / f"test.{name}.h5", "r") as f, h5py.File(reference_store / f"test.{name}.h5", "r") as ref:
+        assert f.attrs["precision"] == "fp32"
+        np.testing.assert_array_equal(f["features"][()], ref["features"][()])
+
+
+def test_a_non_finite_view_fails_loudly_and_names_its_row(synth_master, tmp_path, monkeypatch):
+    real_load = runner.load_backbone
+
+    class Poisoned(torch.nn.Module):
+        """The real trunk, with one view beyond float16's range and one NaN in every batch."""
+
+        def __init__(self, trunk):
+            super().__init__()
+            self.trunk = trunk
+
+        def forward(self, x):
+            out = self.trunk(x).clone()
+            out[5, 0] = 1e6  # finite in float32, inf in the float16 store: flat view 5 = location 1, east
+            out[10, 3] = float("nan")  # flat view 10 = location 2, south
+            return out
+
+    def load_poisoned(*args, **kwargs):
+        loaded = real_load(*args, **kwargs)
+        loaded.embedder.trunk = Poisoned(loaded.embedder.trunk)
+        return loaded
+
+    monkeypatch.setattr(runner, "load_backbone", load_poisoned)
+    sample_id = load_competition(synth_master).train.sample_id
+    store = tmp_path / "store"
+    with pytest.raises(NonFiniteFeatures) as failure:
+        run_extract(synth_master, store, backbones=["tiny-convnext-random"], splits=("train",), check_images=False)
+    message = str(failure.value)
+    assert "tiny-convnext-random" in message and "'features'" in message and "precision fp32" in message
+    assert f"train sample_id={sample_id[1]} view=east, sample_id={sample_id[2]} view=south" in message
+    assert not list(store.glob("*.h5")) and not list(store.glob(".shards/*/shard_*.npz"))
+
+
+@pytest.mark.slow
+def test_compiled_with_padded_last_batches_equals_eager_and_compiles_once_per_backbone(synth_master, tmp_path, monkeypatch):
+    compiled_names, shapes = [], set()
+    real_compile = torch.compile
+
+    def compile_and_watch(model, **kwargs):
+        compiled_names.append(model.spec.name)
+        compiled = real_compile(model, **kwargs)
+
+        def run(images):
+            shapes.add(tuple(images.shape))
+            return compiled(images)
+        return run
+
+    monkeypatch.setattr(torch, "compile", compile_and_watch)
+    # 3 locations a batch, 8 a shard: every shard of both splits ends with a short batch
+    args = dict(batch_size=12, shard_size=8)
+    eager = tmp_path / "eager"
+    assert not run_extract(synth_master, eager, **args).compiled and not compiled_names
+    result = run_extract(synth_master, tmp_path / "compiled", compile=True, **args)
+    assert result.compiled and sorted(compiled_names) == sorted(BACKBONES)  # once per backbone, not per split
+    assert shapes == {(12, 3, 256, 256)}  # one shape: the short batches were padded
+    compiled, reference = store_contents(tmp_path / "compiled"), store_contents(eager)
+    assert compiled.keys() == reference.keys()
+    for name, (datasets, _) in ((n, v) for n, v in compiled.items() if n.endswith(".h5")):
+        for key, values in datasets.items():
+            np.testing.assert_allclose(values.astype(np.float32), reference[name][0][key].astype(np.float32),
+                                       rtol=1e-2, atol=1e-2, err_msg=f"{name}/{key}")
+            if key.startswith(("features", "projected")):
+                assert _cosines(values, reference[name][0][key]).min() >= 0.9999
+
+
+def test_no_check_images_with_decoding_workers_stops_on_a_bad_image_in_one_line(synth_dir, tmp_path):
+    table = pl.read_csv(synth_dir / "train_ground_truth.csv")
+    name, sid = table["image_east"][5], table["sample_id"][5]
+    (synth_dir / "train_images" / name).write_bytes(b"")
+    with pytest.raises(ImageError) as failure:  # raised in a DataLoader worker process, reported here
+        run_extract(synth_dir, tmp_path / "store", backbones=["tiny-clip-random"], splits=("train",),
+                    check_images=False, workers=2)
+    message = str(failure.value)
+    assert "\n" not in message and "Traceback" not in message
+    assert f"sample_id={sid} column image_east='{name}': image file is empty" in message
+
+
+def test_torchrun_rank_that_fails_ends_every_process_and_a_rerun_completes(synth_dir, reference_store, tmp_path):
+    """Rank 1 meets a bad image in its first shard: every process ends within a minute. Fixed, a
+    two-process rerun resumes and writes the same store as one process."""
+    table = pl.read_csv(synth_dir / "train_ground_truth.csv")
+    # 40 rows in shards of 4: rank 1 takes shards 1, 3, 5, ...; row 4 is the first row of shard 1
+    bad, sid = synth_dir / "train_images" / table["image_east"][4], table["sample_id"][4]
+    original = bad.read_bytes()
+    bad.write_bytes(original[:500])
+    store = tmp_path / "store"
+    torchrun = Path(sys.executable).with_name("torchrun")
+    cmd = [str(torchrun), "--standalone", "--nproc-per-node", "2", *_cli(synth_dir, store)[1:]]
+    proc = subprocess.Popen([*cmd, "--no-check-images"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines, failed_at = [], None
+    for line in proc.stdout:  # the first "error:" line is the failing rank's
+        lines.append(line)
+        if failed_at is None and "error:" in line:
+            failed_at = time.monotonic()
+    proc.wait(timeout=120)
+    output = "".join(lines)
+    assert proc.returncode != 0 and failed_at is not None, output[-3000:]
+    assert time.monotonic() - failed_at < 60, output[-3000:]
+    assert f"sample_id={sid} column image_east=" in output
+    assert not list(store.glob("*.h5"))
+    bad.write_bytes(original)  # repaired
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert_same_store(store, reference_store)
+
+
+@pytest.mark.slow
+def test_a_machine_where_compile_fails_gets_one_line_naming_no_compile(synth_master, tmp_path, monkeypatch):
+    import torch._inductor.config as inductor
+
+    from geoscout.doctor import run_doctor
+
+    monkeypatch.setattr(inductor.cpp, "cxx", ("/nonexistent/c++",))  # no C++ compiler, as on some GPU images
+    monkeypatch.setattr(inductor, "fx_graph_cache", False)
+    with pytest.raises(runner.CompileFailed, match="tiny-convnext-random.*No working C.. compiler.*rerun with --no-compile"):
+        run_extract(synth_master, tmp_path / "store", backbones=["tiny-convnext"], splits=("test",), compile=True)
+    report = run_doctor(backbones=["tiny-convnext"], store_dir=tmp_path, device="cpu", compile=True, batches=1)
+    row = next(f for f in report.findings if f.name == "torch.compile")
+    assert row.status == "warn" and "fails" in row.value  # off by default on the CPU: a warning there
+    assert "compile off" in next(f for f in report.findings if f.name == "setting").value  # timed eager instead

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from torch import Tensor, nn
 
+from ..device import autocast_dtype, resolve_precision
 from ..errors import ConfigError
 from .hf_clip import ClipVisionArch, arch_from_open_clip, build_open_clip_vision, load_hf_clip_folder
 from .weights import (
@@ -167,6 +168,7 @@ class Embedder(nn.Module):
         self.register_buffer("projection", projection)
         self.register_buffer("mean", torch.tensor(spec.mean).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(spec.std).view(1, 3, 1, 1))
+        self.precision = "fp32"  # "fp32", "bf16" or "fp16": what autocast computes in (load_backbone sets it)
 
     @property
     def device(self) -> torch.device:
@@ -188,8 +190,8 @@ class Embedder(nn.Module):
         pixels = pixels.to(self.device)
         if on_cuda:
             pixels = pixels.contiguous(memory_format=torch.channels_last)
-        # bf16 on the GPU for speed; exact float32 on the CPU so results are reproducible
-        with _no_autograd(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=on_cuda):
+        dtype = autocast_dtype(self.precision)  # None: plain float32
+        with _no_autograd(), torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
             features = self.trunk(pixels)
             out = {"features": features.float()}
             if self.projection is not None:
@@ -204,7 +206,7 @@ class Embedder(nn.Module):
 @dataclass
 class LoadedBackbone:
     embedder: Embedder
-    weights_identity: dict  # JSON-serialisable: file sha256s, hub revision, or the random seed
+    weights_identity: dict | None  # JSON-serialisable: file sha256s, hub revision, or the random seed
 
     @property
     def spec(self) -> BackboneSpec:
@@ -237,7 +239,7 @@ def _missing_weights_error(spec: BackboneSpec) -> WeightsError:
     )
 
 
-def _load_clip(spec: BackboneSpec, weights: str | Path) -> tuple[BackboneSpec, nn.Module, Tensor, dict]:
+def _load_clip(spec: BackboneSpec, weights: str | Path, hash_weights: bool) -> tuple[BackboneSpec, nn.Module, Tensor, dict | None]:
     source = resolve_weights(weights, weight_files=WEIGHT_FILE_NAMES, extra_files=HF_CLIP_EXTRA_FILES)
     ckpt = load_hf_clip_folder(source.path)
     arch = ckpt.arch
@@ -252,7 +254,7 @@ def _load_clip(spec: BackboneSpec, weights: str | Path) -> tuple[BackboneSpec, n
         interpolation=ckpt.interpolation or spec.interpolation,
     )
     tower, projection = _split_projection(ckpt.tower)
-    return loaded_spec, tower, projection, weights_identity(source, ckpt.files)
+    return loaded_spec, tower, projection, weights_identity(source, ckpt.files) if hash_weights else None
 
 
 def _strip_wrapper_prefix(state: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -262,7 +264,7 @@ def _strip_wrapper_prefix(state: dict[str, Tensor]) -> dict[str, Tensor]:
     return state
 
 
-def _load_timm(spec: BackboneSpec, weights: str | Path) -> tuple[nn.Module, dict]:
+def _load_timm(spec: BackboneSpec, weights: str | Path, hash_weights: bool) -> tuple[nn.Module, dict | None]:
     source = resolve_weights(weights, weight_files=WEIGHT_FILE_NAMES)
     path = find_weight_file(source.path) if source.path.is_dir() else source.path
     model = _seeded_build(spec)
@@ -275,13 +277,18 @@ def _load_timm(spec: BackboneSpec, weights: str | Path) -> tuple[nn.Module, dict
         model.load_state_dict(state, strict=True)
     except RuntimeError as err:
         raise WeightsError(f"{path} does not fit {spec.architecture}: {err}") from err
-    return model, weights_identity(source, [path])
+    return model, weights_identity(source, [path]) if hash_weights else None
 
 
 def load_backbone(
-    spec_or_name: BackboneSpec | str, weights: str | Path | None, device: str | torch.device = "cpu"
+    spec_or_name: BackboneSpec | str, weights: str | Path | None, device: str | torch.device = "cpu",
+    *, precision: str = "auto", hash_weights: bool = True,
 ) -> LoadedBackbone:
-    """Build a backbone and load its weights; real backbones refuse to run without weights."""
+    """Build a backbone and load its weights; real backbones refuse to run without weights.
+
+    `precision`: see device.resolve_precision. `hash_weights=False` skips hashing the weight files
+    (weights_identity is then None): torchrun processes other than rank 0 take rank 0's hashes.
+    """
     spec = get_spec(spec_or_name) if isinstance(spec_or_name, str) else spec_or_name
     projection = None
     if spec.random_init:
@@ -293,14 +300,15 @@ def load_backbone(
     elif weights is None:
         raise _missing_weights_error(spec)
     elif spec.library == "open_clip":
-        spec, trunk, projection, identity = _load_clip(spec, weights)
+        spec, trunk, projection, identity = _load_clip(spec, weights, hash_weights)
     else:
-        trunk, identity = _load_timm(spec, weights)
+        trunk, identity = _load_timm(spec, weights, hash_weights)
     if getattr(trunk, "num_features", spec.embed_dim) != spec.embed_dim:
         raise ValueError(
             f"backbone {spec.name!r} outputs {trunk.num_features} features; its spec says {spec.embed_dim}"
         )
     embedder = Embedder(spec, trunk, projection).to(device)
+    embedder.precision = resolve_precision(precision, embedder.device)
     if embedder.device.type == "cuda":
         embedder.trunk.to(memory_format=torch.channels_last)
     return LoadedBackbone(embedder.eval(), identity)

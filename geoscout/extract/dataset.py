@@ -16,7 +16,12 @@ DECODE_SIZE = 256  # the competition's image size; other sizes are resized to it
 
 
 class ViewsDataset(Dataset):
-    """Item = one location: (row, images (4,3,S,S) uint8, ok (4,) bool, errors per view or None)."""
+    """Item = one location: (row, images (4,3,S,S) uint8, ok (4,) bool, errors per view or None).
+
+    A bad image never raises here: an exception raised in a DataLoader worker reaches the main
+    process wrapped in a traceback. With bad_images="fail" its error is the full sentence (file,
+    sample_id, column), and `raise_bad_image` raises it in the main process.
+    """
 
     def __init__(self, table: SplitTable, *, bad_images: str, size: int = DECODE_SIZE):
         if bad_images not in ("fail", "mask"):
@@ -43,14 +48,19 @@ class ViewsDataset(Dataset):
             try:
                 images[view] = self._decode(row, view)
             except ImageError as exc:
-                if self.bad_images == "fail":
-                    name = self.table.image_names[row, view]
-                    raise ImageError(
-                        f"{self.table.csv_path} sample_id={self.table.sample_id[row]} "
-                        f"column image_{VIEWS[view]}={name!r}: {exc} (use --bad-images mask to skip such views)"
-                    ) from None
                 ok[view], errors[view] = False, str(exc)
+                if self.bad_images == "fail":
+                    name = str(self.table.image_names[row, view])
+                    errors[view] = (f"{self.table.csv_path} sample_id={self.table.sample_id[row]} "
+                                    f"column image_{VIEWS[view]}={name!r}: {exc} (use --bad-images mask to skip such views)")
         return row, torch.from_numpy(images).permute(0, 3, 1, 2), torch.from_numpy(ok), errors
+
+
+def raise_bad_image(errors: list[list[str | None]]) -> None:
+    """Raise the first bad image of a batch (the "fail" policy), in the process that reads the batch."""
+    first = next((e for errs in errors for e in errs if e), None)
+    if first is not None:
+        raise ImageError(first)
 
 
 def collate_views(items):

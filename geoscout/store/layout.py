@@ -44,12 +44,13 @@ def shard_dir(store_dir: Path, split: str, backbone: str) -> Path:
     return Path(store_dir) / ".shards" / f"{split}.{backbone}"
 
 
-def backbone_fingerprint(spec: dict, weights_identity: dict, preprocessing: dict) -> str:
-    """Identity of what produced the numbers: architecture, exact weights and preprocessing.
+def backbone_fingerprint(spec: dict, weights_identity: dict, preprocessing: dict, *, precision: str) -> str:
+    """Identity of what produced the numbers: architecture, exact weights, preprocessing and the
+    precision the backbone computed in (bf16 features are not fp32 features: heads must not mix them).
 
     Where the weights came from (hub repo, revision) is recorded in the store but left out here:
     the same file bytes give the same fingerprint whether downloaded or copied.
     """
     content = {k: v for k, v in weights_identity.items() if k not in ("repo_id", "revision")}
-    blob = json.dumps({"spec": spec, "weights": content, "preprocessing": preprocessing}, sort_keys=True)
+    blob = json.dumps({"spec": spec, "weights": content, "preprocessing": preprocessing, "precision": precision}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]

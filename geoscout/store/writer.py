@@ -23,7 +23,9 @@ import polars as pl
 from .. import __version__
 from ..atomic import atomic_write_text, fsync_dir
 from ..competition import VIEWS
-from .layout import SCHEMA_VERSION, bad_views_path, features_path, shard_dir
+from ..errors import warn
+from .h5 import lock_error, open_h5
+from .layout import FLIP_DATASET, SCHEMA_VERSION, bad_views_path, features_path, shard_dir
 
 BAD_VIEW_COLUMNS = ("sample_id", "view", "file", "error")
 
@@ -44,6 +46,7 @@ class StoreIdentity:
     classes: list
     dims: dict  # output name ("features", "projected") -> embedding size
     shard_size: int  # shard files are named by index, so their boundaries must not move on resume
+    precision: str  # "fp32", "bf16" or "fp16": what the backbone computed in; never mixed in one store
 
     def attrs(self) -> dict:
         """HDF5 attributes of the sealed file (JSON for nested values, readable with plain h5py)."""
@@ -58,6 +61,7 @@ class StoreIdentity:
             "backbone_spec": json.dumps(self.spec, sort_keys=True),
             "weights_identity": json.dumps(self.weights_identity, sort_keys=True),
             "preprocessing": json.dumps(self.preprocessing, sort_keys=True),
+            "precision": self.precision,
             "classes": json.dumps(self.classes),
             "views": json.dumps(list(VIEWS)),
             "complete": True,
@@ -85,14 +89,24 @@ class ShardedWriter:
         return self.dir / f"shard_{shard:06d}.npz"
 
     def prepare(self) -> None:
-        """Start or resume: shards left by a run with another identity are stale and discarded."""
+        """Start or resume: shards left by a run with another identity (precision included) are
+        stale and discarded, so a store is never completed with shards computed another way."""
         run_file = self.dir / "identity.json"
         wanted = json.dumps(asdict(self.identity), sort_keys=True)
         if self.dir.exists() and (not run_file.exists() or run_file.read_text() != wanted):
-            shutil.rmtree(self.dir)
+            self._discard_stale(run_file)
         if not self.dir.exists():
             self.dir.mkdir(parents=True)
             atomic_write_text(run_file, wanted)
+
+    def _discard_stale(self, run_file: Path) -> None:
+        done = len(list(self.dir.glob("shard_*.npz")))
+        if done:
+            old = json.loads(run_file.read_text()) if run_file.exists() else {}
+            why = (f"computed at precision {old.get('precision')}, this run asks for {self.identity.precision}"
+                   if old.get("precision", self.identity.precision) != self.identity.precision else "made with other settings")
+            warn(f"discarding {done} shard(s) of an unfinished {self.final.name} {why}; starting it again")
+        shutil.rmtree(self.dir)
 
     def pending_shards(self) -> list[int]:
         return [k for k in range(self.n_shards) if not self._shard_file(k).exists()]
@@ -125,7 +139,7 @@ class ShardedWriter:
         n = ident.n_rows
         tmp = self.final.with_name(self.final.name + ".tmp")
         bad_views: list[dict] = []
-        with h5py.File(tmp, "w") as f:
+        with open_h5(tmp, "w") as f:
             # contiguous (no chunks, no compression): whole-split reads run at disk speed
             datasets = {name: f.create_dataset(name, shape=(n, len(VIEWS), dim), dtype="f2") for name, dim in ident.dims.items()}
             mask = f.create_dataset("mask", shape=(n, len(VIEWS)), dtype=bool)
@@ -153,13 +167,20 @@ class ShardedWriter:
 
 
 def sealed_identity(path: Path) -> dict | None:
-    """Attributes of a sealed store file, or None when there is none (or it is unreadable)."""
+    """Attributes of a sealed store file, or None when there is none (or it is unreadable).
+
+    A file HDF5 cannot lock is not "unreadable": that raises FileLockError, so that a locking
+    failure on a network file system is never reported as a store of other data.
+    """
     if not path.exists():
         return None
     try:
         with h5py.File(path, "r") as f:
             return dict(f.attrs)
-    except OSError:
+    except OSError as exc:
+        better = lock_error(path, exc)
+        if better is not None:
+            raise better from exc
         return None
 
 
@@ -169,8 +190,25 @@ def matches(path: Path, identity: StoreIdentity) -> bool:
     if attrs is None:
         return False
     want = identity.attrs()
-    keys = ("schema_version", "split_fingerprint", "dataset_fingerprint", "backbone_fingerprint")
+    keys = ("schema_version", "split_fingerprint", "dataset_fingerprint", "backbone_fingerprint", "precision")
     if not (all(str(attrs.get(k)) == str(want[k]) for k in keys) and bool(attrs.get("complete"))):
         return False
-    with h5py.File(path, "r") as f:
+    with open_h5(path, "r") as f:
         return set(identity.dims) <= set(f)
+
+
+def mismatch(path: Path, identity: StoreIdentity) -> str:
+    """Why the sealed file at `path` does not serve `identity`, in words (for the conflict message)."""
+    attrs = sealed_identity(path) or {}
+    have = attrs.get("precision")
+    if have is not None and str(have) != identity.precision:
+        return f"was computed at precision {have}, not {identity.precision}"
+    if str(attrs.get("split_fingerprint")) != identity.split_fingerprint:
+        return "holds other rows"
+    if str(attrs.get("backbone_fingerprint")) != identity.backbone_fingerprint:
+        return "was made with other weights, preprocessing or precision"
+    with open_h5(path, "r") as f:
+        missing = sorted(set(identity.dims) - set(f))
+    if FLIP_DATASET in missing:
+        return "was extracted without --flip"
+    return f"lacks {', '.join(missing)}"
