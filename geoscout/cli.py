@@ -407,6 +407,8 @@ def run(
     batch_size: Annotated[Optional[int], typer.Option(help="Extraction batch size in views.")] = None,
     bad_images: Annotated[Optional[str], typer.Option(help="fail or mask.")] = None,
     flip: Annotated[Optional[bool], typer.Option("--flip", help="Also extract mirrored views for flip test-time augmentation (twice the extraction work).")] = None,
+    precision: Annotated[Optional[str], typer.Option(help=f"Backbone precision: {PRECISION_HELP} [default: auto].")] = None,
+    compile: Annotated[Optional[bool], typer.Option("--compile/--no-compile", help="torch.compile the backbones [default: on with CUDA, off on the CPU].")] = None,
     folds: Annotated[Optional[int], typer.Option(help="K of the heads' cross-fitting [default: 5].", min=2)] = None,
     seed: Annotated[Optional[int], typer.Option(help="Random seed of the split, folds and training [default: 0].")] = None,
     config: Annotated[Optional[Path], typer.Option(help="A TOML file with these settings (a run's WORK/config.toml reproduces it); flags override it.")] = None,
@@ -423,7 +425,7 @@ def run(
     overrides = dict(
         data_dir=data_dir, work_dir=work, backbones=backbones.split(",") if backbones else None,
         weights=_parse_weights(weights) or None, presets=preset or None, device=device, batch_size=batch_size,
-        bad_images=bad_images, flip=flip, folds=folds, seed=seed,
+        bad_images=bad_images, flip=flip, folds=folds, seed=seed, precision=precision, compile=compile,
     )
     with _expected_failures():
         if config is not None:

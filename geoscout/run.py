@@ -58,6 +58,8 @@ class RunConfig:
     bad_images: str = "fail"
     seed: int = 0
     folds: int = 5  # K of the cross-fitting (every preset)
+    precision: str = "auto"  # of the backbones: bf16 on recent GPUs, fp16 on older ones, fp32 on the CPU
+    compile: bool | None = None  # torch.compile the backbones; None: on with CUDA, off on the CPU
     flip: bool = False  # also extract mirrored views, for the ensemble's flip TTA (twice the extraction work)
 
     def __post_init__(self) -> None:
@@ -89,7 +91,9 @@ class RunConfig:
         lines = [f"# geoscout {__version__}: resolved configuration of this run"]
         tables = []
         for key, value in asdict(self).items():
-            if isinstance(value, dict):
+            if value is None:  # TOML has no null: a missing key takes the default
+                lines.append(f"# {key}: default")
+            elif isinstance(value, dict):
                 tables.append(f"\n[{key}]\n" + "".join(f"{json.dumps(k)} = {json.dumps(str(v))}\n" for k, v in value.items()))
             else:
                 lines.append(f"{key} = {json.dumps(str(value) if isinstance(value, Path) else value)}")
@@ -160,8 +164,8 @@ def run_pipeline(config: RunConfig, *, progress: bool = True, log: Callable[[str
 
     log("[run]  extract (resumes; skips complete stores)")
     extract(config.data_dir, store, backbones=config.backbones, weights=config.weights, device=config.device,
-            batch_size=config.batch_size, workers=config.workers, bad_images=config.bad_images, flip=config.flip,
-            check_images=False, progress=progress)
+            precision=config.precision, compile=config.compile, batch_size=config.batch_size, workers=config.workers,
+            bad_images=config.bad_images, flip=config.flip, check_images=False, progress=progress)
     store_keys = {b: read_store_attrs(features_path(store, "train", b))["backbone_fingerprint"] for b in config.backbones}
     data = StoreData(store, list(config.backbones))  # each split is read once for every stage below
     data.validation_mask()  # made once; every head shares it

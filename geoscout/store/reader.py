@@ -13,6 +13,7 @@ import polars as pl
 from ..competition import VIEWS
 from ..errors import GeoscoutError
 from .features import SplitFeatures
+from .h5 import open_h5
 from .layout import FLIP_DATASET, MANIFEST, SCHEMA_VERSION, features_path, samples_path
 
 
@@ -35,7 +36,7 @@ def available_backbones(store_dir: Path, split: str) -> list[str]:
 def read_store_attrs(path: Path) -> dict:
     if not path.exists():
         raise StoreError(f"{path} not found")
-    with h5py.File(path, "r") as f:
+    with open_h5(path, "r") as f:
         attrs = dict(f.attrs)
     if attrs.get("schema_version") != SCHEMA_VERSION:
         raise StoreError(f"{path}: schema version {attrs.get('schema_version')}, this geoscout reads {SCHEMA_VERSION}")
@@ -55,7 +56,7 @@ def _read_contiguous(ds: h5py.Dataset) -> np.ndarray:
 def read_features(path: Path) -> tuple[dict, np.ndarray, np.ndarray, np.ndarray]:
     """(attrs, sample_id, features (N,4,D) f16, mask (N,4) bool) of one store file."""
     attrs = read_store_attrs(path)
-    with h5py.File(path, "r") as f:
+    with open_h5(path, "r") as f:
         return attrs, _read_contiguous(f["sample_id"]), _read_contiguous(f["features"]), _read_contiguous(f["mask"])
 
 
@@ -72,7 +73,7 @@ def open_checked(store_dir: Path, split: str, backbone: str, *, manifest: dict, 
             f"{path} was built from other data (dataset fingerprint {attrs['dataset_fingerprint']}, "
             f"this store's is {manifest['dataset_fingerprint']})"
         )
-    with h5py.File(path, "r") as f:
+    with open_h5(path, "r") as f:
         if not np.array_equal(f["sample_id"][()], sample_id):
             raise StoreError(f"{path}: its sample_id order differs from {samples_path(store_dir, split).name}")
         if f["mask"].shape != (len(sample_id), len(VIEWS)):
