@@ -48,9 +48,9 @@ class Regime:
 REGIMES = {
     r.name: r for r in (
         Regime("lookalike", "lookalike", {"small": 10, "large": 20}, "neighbouring states look alike (lookalike 0.9)"),
-        Regime("few-rows", "standard", {"small": 10, "large": 33}, "100-200 training rows per state (lookalike 0.8)",
-               (("lookalike", 0.8),)),
-        Regime("imbalanced", "imbalanced", {"small": 15, "large": 25}, "state frequencies fall as rank^-1.2 (lookalike 0.8)"),
+        Regime("few-rows", "standard", {"small": 10, "large": 33}, "100-200 training rows per state (lookalike 0.85)",
+               (("lookalike", 0.85),)),
+        Regime("imbalanced", "imbalanced", {"small": 15, "large": 25}, "state frequencies fall as rank^-1.2 (lookalike 0.9)"),
         Regime("noisy", "noisy", {"small": 10, "large": 20},
                "4x grain, 25% blank views, 5% broken (masked) views (lookalike 0.6)"),
     )

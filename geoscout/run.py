@@ -178,7 +178,7 @@ def run_pipeline(config: RunConfig, *, progress: bool = True, log: Callable[[str
         heads = HeadPaths(heads_root, preset)
         member_keys = {}
         for spec in plan.members:
-            member_keys[spec.name] = _key("member", spec.kind, list(spec.backbones), config_to_dict(spec.config),
+            member_keys[spec.name] = _key("member", spec.name, config_to_dict(spec.config),
                                           [store_keys[b] for b in spec.backbones], split_key, plan.folds, config.seed,
                                           __version__)
             stages.run(f"{preset}.{spec.name}", member_keys[spec.name],

@@ -68,7 +68,7 @@ class Difficulty:
 DIFFICULTIES = {
     "standard": Difficulty(),
     "lookalike": Difficulty(lookalike=0.9),
-    "imbalanced": Difficulty(lookalike=0.8, imbalance=1.2),
+    "imbalanced": Difficulty(lookalike=0.9, imbalance=1.2),
     "noisy": Difficulty(lookalike=0.6, noise=4.0, blank_views=0.25, broken_views=0.05),
     "hard": Difficulty(lookalike=0.8, imbalance=0.8, noise=3.0, blank_views=0.15, broken_views=0.03),
 }

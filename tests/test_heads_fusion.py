@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from geoscout.heads.fusion import FUSIONS, ConcatFusion, FusionConfig, MeanFusion, TransformerFusion, build_fusion
+from geoscout.heads.fusion import FUSIONS, AttentionFusion, ConcatFusion, FusionConfig, TransformerFusion, build_fusion
 from geoscout.heads.models import ClassifierConfig, Scout, Sniper
 from geoscout.heads.presets import default_classifier, recipe, seed_clip_classifier, seed_convnext_classifier
 
@@ -17,6 +17,8 @@ FUSION_CONFIGS = {
     "transformer-concat": FusionConfig(kind="transformer", width=None, heads=2, ffn_dim=16, pooling="concat",
                                        direction_embeddings=False, norm_first=False, input_norm=False),
     "concat": FusionConfig(kind="concat", width=None, input_norm=False),
+    "attention": FusionConfig(kind="attention", width=None, input_norm=False),
+    "attention-projected": FusionConfig(kind="attention", width=8),
     "concat-projected": FusionConfig(kind="concat", width=8),
 }
 
@@ -119,7 +121,7 @@ def test_default_recipe_has_a_classifier_per_backbone_and_a_probe_on_all_of_them
     plan = recipe("default", ["a", "b", "c"])
     assert [m.name for m in plan.members] == ["classifier-a", "classifier-b", "classifier-c", "probe-a+b+c"]
     scout = Scout(plan.members[0].config, 1536, 300)
-    assert isinstance(scout.fusion, MeanFusion) and scout.skip is not None
+    assert isinstance(scout.fusion, AttentionFusion) and scout.skip is not None
     assert plan.ensemble.weights == "fit" and plan.folds == 5
 
 
@@ -137,3 +139,22 @@ def test_width_must_divide_into_heads():
 def test_classifier_config_rejects_unknown_norm():
     with pytest.raises(ValueError, match="available"):
         Scout(ClassifierConfig(norm="group"), D, 3)
+
+
+@pytest.mark.parametrize("kind", ["mean", "attention"])
+def test_standardising_after_pooling_equals_pooling_standardised_views(kind):
+    """Pooling fusions standardise the pooled (B, D) vector, not every view: the same numbers, a quarter
+    of the work. The attention score's constant part cancels in the softmax."""
+    from geoscout.heads.inputs import Standardize
+
+    torch.manual_seed(0)
+    fusion = build_fusion(FusionConfig(kind=kind, width=8, input_norm=False), D)
+    if kind == "attention":
+        nn.init.normal_(fusion.score.weight)
+    standardize = Standardize(D)
+    standardize.set_statistics(torch.randn(D).numpy() * 3, torch.rand(D).numpy() + 0.5)
+    x, mask = _batch(10, seed=3)
+    with torch.no_grad():
+        folded = fusion(x, mask, standardize)
+        plain = fusion(standardize(x.nan_to_num(0.0)), mask)
+    assert torch.allclose(folded, plain, atol=1e-5)

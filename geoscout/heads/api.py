@@ -167,8 +167,19 @@ class _Positions:
     similarity_temperature: float
 
     def decode(self, *, candidates: int, regressor: bool, share: float) -> Prediction:
-        return decode(self.joint, self.geocells, candidates=candidates, points=self.points if regressor else None,
+        return decode(self.joint, self.geocells, candidates=candidates, points=self._points(candidates) if regressor else None,
                       neighbours=self.neighbours, retrieval_weight=share, similarity_temperature=self.similarity_temperature)
+
+    def _points(self, candidates: int):
+        """The regressor's points, computed once per number of candidates (the cells are the same each time)."""
+        cache = self.__dict__.setdefault("_cache", {})
+
+        def points(cells: np.ndarray, probability: np.ndarray) -> np.ndarray:
+            if candidates not in cache:
+                cache[candidates] = self.points(cells, probability)
+            return cache[candidates]
+
+        return points
 
 
 def _score(prediction: Prediction, class_id: np.ndarray, latlon: np.ndarray) -> dict[str, float]:

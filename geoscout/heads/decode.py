@@ -22,6 +22,7 @@ MEDIAN_ITERATIONS = 100
 # Weiszfeld divides by the distance to each candidate; this floor (radians, about 6 mm) keeps it finite
 # when the estimate sits on a candidate, which it then keeps (the median is at that candidate).
 MIN_ANGLE = 1e-9
+CONVERGED = 1e-10  # radians (about a millimetre): no row's estimate moves more, so every row has settled
 
 # (cells (N, k), their probabilities (N, k)) -> (N, k, 2) candidate positions in degrees
 PointsFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
@@ -59,7 +60,11 @@ def geometric_median(points: np.ndarray, weights: np.ndarray, *, iterations: int
     for _ in range(iterations):
         sin = np.linalg.norm(np.cross(xyz, x[:, None, :]), axis=-1)
         pull = w / np.maximum(sin, MIN_ANGLE)
-        x = _unit((pull[..., None] * xyz).sum(axis=1), fallback=x)
+        moved = _unit((pull[..., None] * xyz).sum(axis=1), fallback=x)
+        step = np.abs(moved - x).max()
+        x = moved
+        if step < CONVERGED:
+            break
     return xyz_to_latlon(x)
 
 

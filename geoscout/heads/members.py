@@ -41,6 +41,7 @@ class MemberSpec:
     kind: str  # "classifier" | "probe"
     backbones: tuple[str, ...]
     config: ClassifierConfig | ProbeConfig
+    label: str = ""  # tells apart two members of one kind on the same backbones (e.g. "concat")
 
     def __post_init__(self) -> None:
         if self.kind not in MEMBER_KINDS:
@@ -50,7 +51,7 @@ class MemberSpec:
 
     @property
     def name(self) -> str:
-        return f"{self.kind}-{'+'.join(self.backbones)}"
+        return f"{self.kind}-{'+'.join(self.backbones)}" + (f"-{self.label}" if self.label else "")
 
 
 @dataclass(frozen=True)
@@ -169,23 +170,30 @@ def train_member(train: SplitFeatures, spec: MemberSpec, protocol: Protocol, out
         means = view_means(views)
         mean, std = row_statistics(means, folds.fit_rows, present=views.mask.any(axis=1))
 
-        def build() -> nn.Module:
-            module = Probe(dim, len(train.classes))
-            module.standardize.set_statistics(mean, std)
-            return module
+        # The L2 strength by cross-validation: every candidate is cross-fitted, strongest first, each fold
+        # starting from the previous candidate's model of that fold (a warm start along the path); the
+        # lowest OOF NLL wins, and its OOF outputs are the member's (no refit: the K fold models are it).
+        tried, best, previous = [], None, None
+        for l2 in sorted(config.l2, reverse=True):
+            start = iter(previous or [])
 
-        # The L2 strength by cross-validation: every candidate is cross-fitted, the lowest OOF NLL wins,
-        # and its OOF outputs are the member's (no refit: the K fold models are the member).
-        tried, best = [], None
-        for l2 in config.l2:
+            def build() -> nn.Module:
+                module = Probe(dim, len(train.classes))
+                module.standardize.set_statistics(mean, std)
+                warm = next(start, None)
+                if warm is not None:
+                    module.load_state_dict(warm.state_dict())
+                return module
+
             objective = ProbeObjective(means, train.class_id, l2=l2)
             models_l2, oof_l2, details_l2 = _cross_fit(build, objective, folds, _outputs(spec.kind, views, device=device),
                                                        config.train, seed=seed, device=device,
                                                        desc=f"{spec.name} l2={l2:g}", progress=progress)
             nll = member_metrics(oof_l2, geocells, fit_class, fit_latlon)["nll"]
-            tried.append({"l2": l2, "oof_nll": nll})
+            tried.append({"l2": l2, "oof_nll": nll, "steps": [d["steps_run"] for d in details_l2]})
             if best is None or nll < best[0]:
                 best = (nll, l2, models_l2, oof_l2, details_l2)
+            previous = models_l2
         _, chosen, models, oof, details = best
         extra = {"l2_tried": tried, "l2": chosen, "sklearn_C": 1.0 / (chosen * len(folds.fit_rows))}
     oof_metrics = member_metrics(oof, geocells, fit_class, fit_latlon)

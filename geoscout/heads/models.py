@@ -97,7 +97,7 @@ class Scout(nn.Module):
         self.descriptor_dim = d
 
     def describe(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return self.fusion(self.standardize(x), mask)
+        return self.fusion(x, mask, self.standardize)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         d = self.describe(x, mask)

@@ -34,6 +34,8 @@ class TrainConfig:
     evaluations_per_epoch: float = 2.0  # held-out evaluations per pass (at least one every `max_eval_interval` steps)
     max_eval_interval: int = 100
     patience: int = 6  # evaluations without a better held-out loss before stopping
+    # "Better" means lower by more than this fraction: a convex probe creeping down by 1e-5 has converged.
+    min_improvement: float = 1e-3
     warmup_fraction: float = 0.05
     min_lr_fraction: float = 0.02  # the cosine schedule ends at lr * this
     grad_clip: float = 1.0  # 0: no clipping
@@ -188,7 +190,8 @@ def fit(
             module.train()
             history.append({"step": step, "train_loss": running, "heldout_loss": current})
             if current < best_loss:
-                best_loss, best_state, best_step, since_best = current, copy.deepcopy(module.state_dict()), step, 0
+                since_best = 0 if current < best_loss * (1 - config.min_improvement) else since_best + 1
+                best_loss, best_state, best_step = current, copy.deepcopy(module.state_dict()), step
             else:
                 since_best += 1
             bar.set_postfix(loss=f"{running:.4f}", heldout=f"{current:.4f}", best=f"{best_loss:.4f}", refresh=False)
