@@ -144,6 +144,7 @@ def extract(
     overwrite: bool = False,
     check_images: bool = True,
     flip: bool = False,
+    layers: int = 0,
     progress: bool = True,
 ) -> ExtractResult:
     """Embed every view of `splits` with each backbone into `store_dir` (see store/layout.py).
@@ -151,6 +152,7 @@ def extract(
     Rerunning after a crash resumes from the last whole shard. Under torchrun, ranks split the
     shards and rank 0 seals the files, which come out identical to a single-process run.
     `flip` also embeds every view mirrored left-right, as `features_flip` (flip test-time augmentation).
+    `layers` K > 0 also stores the last K blocks' class tokens and the final patch-token mean (docs/store.md).
     """
     store_dir = Path(store_dir)
     # canonical names, so an alias never creates a second store of the same backbone
@@ -187,7 +189,7 @@ def extract(
             _write_samples(store_dir, competition, competition.split(s))
     ranks.barrier()
 
-    loaded = {name: load_backbone(name, weights.get(name), torch_device) for name in backbones}
+    loaded = {name: load_backbone(name, weights.get(name), torch_device, layers=layers) for name in backbones}
     result = ExtractResult(store_dir)
     started, n_views = time.perf_counter(), 0
     for split_name in splits:
@@ -197,8 +199,7 @@ def extract(
             spec = loaded[name].spec  # as loaded: a CLIP checkpoint's config decides its sizes
             spec_dict = json.loads(json.dumps(asdict(spec), default=str))
             preprocessing = {**preprocessing_record(spec), "decode_size": DECODE_SIZE}
-            dims = {"features": spec.embed_dim, **({"projected": spec.projected_dim} if spec.projected_dim else {}),
-                    **({FLIP_DATASET: spec.embed_dim} if flip else {})}
+            dims = {**loaded[name].output_dims, **({FLIP_DATASET: spec.embed_dim} if flip else {})}
             identity = StoreIdentity(
                 split=split_name, backbone=name, n_rows=len(table), split_fingerprint=table.fingerprint(),
                 dataset_fingerprint=competition.fingerprint(),
@@ -214,7 +215,7 @@ def extract(
                 continue
             if final.exists() and not overwrite:
                 raise StoreConflict(
-                    f"{final} exists but was made from other rows, weights or preprocessing"
+                    f"{final} exists but was made from other rows, weights, preprocessing or --layers"
                     f"{' or without --flip' if flip else ''}; pass --overwrite to replace it, or use another store folder"
                 )
             writers[name] = ShardedWriter(store_dir, identity)
