@@ -226,3 +226,20 @@ def test_three_backbones_through_extract_and_knn(synth_master, tmp_path):
     train = read_split(store, "train", ["tiny-clip-random", "tiny-convnext-random", "timm:test_convnext"])
     assert {k: v.shape[-1] for k, v in train.features.items()} == {
         "tiny-clip-random": 64, "tiny-convnext-random": 128, "timm:test_convnext": 64}
+
+
+def test_cli_extract_takes_layers_and_a_bare_weights_path(parity, synth_master, tmp_path):
+    from typer.testing import CliRunner
+
+    from geoscout.cli import app
+
+    _, weights, _, _ = parity
+    store = tmp_path / "store"
+    out = CliRunner().invoke(app, ["extract", str(synth_master), str(store), "-b", "timm:test_convnext",
+                                   "--weights", str(weights["timm:test_convnext"]), "--layers", "2",
+                                   "--split", "train", "--device", "cpu", "--workers", "0"])
+    assert out.exit_code == 0, out.output
+    assert "wrote train.timm:test_convnext" in out.output
+    with h5py.File(features_path(store, "train", "timm:test_convnext"), "r") as f:
+        assert json.loads(f.attrs["backbone_spec"])["layers"] == 2
+        assert f["layers"].shape == (40, 4, 48 + 64)  # the last two stages of test_convnext, pooled

@@ -232,10 +232,13 @@ def _split_bits(taps: int) -> int:
     return bits
 
 
+MIN_SPLIT_BITS = 8  # with fewer low bits the high parts' sums could pass 2**24: float64 then
+
+
 def _make_pass(in_size: int, out_size: int, interpolation: str, device: torch.device, exact64: bool) -> _Pass:
     first, weights = pil_coefficients(in_size, out_size, interpolation)
     taps = weights.shape[1]
-    split = None if exact64 else _split_bits(taps)
+    split = None if exact64 or _split_bits(taps) < MIN_SPLIT_BITS else _split_bits(taps)
     blocks = []
     for a in range(0, out_size, BLOCK):
         b = min(a + BLOCK, out_size)
@@ -266,10 +269,12 @@ def _round_clip(parts: list[Tensor], split: int | None, dim: int) -> Tensor:
 
 
 def _horizontal(x: Tensor, p: _Pass) -> Tensor:  # (..., W) -> (..., out)
+    x = x.to(p.blocks[0][2].dtype)  # pixel values are small integers: exact in any float dtype
     return _round_clip([x[..., lo:hi] @ m for lo, hi, m in p.blocks], p.split, -1)
 
 
 def _vertical(x: Tensor, p: _Pass) -> Tensor:  # (..., H, W) -> (..., out, W)
+    x = x.to(p.blocks[0][2].dtype)
     return _round_clip([m.t() @ x[..., lo:hi, :] for lo, hi, m in p.blocks], p.split, -2)
 
 
@@ -283,9 +288,12 @@ class DevicePreprocess(nn.Module):
         self.register_buffer("mean", torch.tensor(self.plan.mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(self.plan.std).view(1, 3, 1, 1), persistent=False)
         self._passes: dict = {}
+        self._plans = {self.plan.source_size: self.plan}
 
     def plan_for(self, size: tuple[int, int]) -> Plan:
-        return self.plan if size == self.plan.source_size else plan_from_transform(self.transform, size)
+        if size not in self._plans:  # views of another size than the decode size (tests, direct calls)
+            self._plans[size] = plan_from_transform(self.transform, size)
+        return self._plans[size]
 
     def _pass(self, in_size: int, out_size: int, interpolation: str, exact64: bool) -> _Pass:
         key = (in_size, out_size, interpolation, self.mean.device, exact64)
@@ -296,11 +304,11 @@ class DevicePreprocess(nn.Module):
     def resize(self, x: Tensor, size: tuple[int, int], interpolation: str, exact64: bool | None = None) -> Tensor:
         """Pillow's resize of uint8-valued pixels (B, 3, H, W), its two passes in Pillow's order.
 
-        float64 products on the GPU (float32 ones may run as TF32 there); split float32 ones on the CPU.
+        float64 products on the GPU (float32 ones may run as TF32 there) and wherever float32 matrix
+        products may be rounded (torch.set_float32_matmul_precision); split float32 ones otherwise.
         """
         if exact64 is None:
-            exact64 = x.device.type != "cpu"
-        x = x.to(torch.float64 if exact64 else torch.float32)
+            exact64 = x.device.type != "cpu" or torch.get_float32_matmul_precision() != "highest"
         (h, w), (out_h, out_w) = x.shape[-2:], size
         vertical_first = PILLOW_ORDERS_PASSES and h - out_h > 2 * (w - out_w) and out_h < h
         if vertical_first:
