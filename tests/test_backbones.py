@@ -61,6 +61,7 @@ def test_every_spelling_has_one_canonical_name(name, canonical):
     ("timm:a b", "characters other than"),
     ("", "empty backbone name"),
     ("open_clip:hf-hub:", "no hub repo"),
+    ("open_clip:local-dir:/models/x", "pass the folder with --weights"),
 ])
 def test_bad_names_are_refused_with_the_forms(name, message):
     with pytest.raises(ConfigError, match=message):

@@ -35,14 +35,16 @@ def _to_tensor(views: np.ndarray) -> torch.Tensor:
 
 
 # float32 with split weights is the CPU path; float64 the GPU path (the same integer sums, another dtype)
-@pytest.mark.parametrize("interpolation, exact64", [(f, False) for f in PIL_FILTERS] + [("bicubic", True), ("bilinear", True)])
+@pytest.mark.parametrize("interpolation, exact64",
+                         [(f, False) for f in PIL_FILTERS] + [("bicubic", True), ("bilinear", True)])
 def test_device_resize_equals_pillow(views, interpolation, exact64):
     from torchvision.transforms import Compose, Normalize, ToTensor
 
     pre = _device(Compose([ToTensor(), Normalize([0.5] * 3, [0.5] * 3)]))
     x = _to_tensor(views)
     for size in SIZES:
-        expected = np.stack([np.asarray(Image.fromarray(v).resize(size[::-1], PIL_FILTERS[interpolation])) for v in views])
+        expected = np.stack([np.asarray(Image.fromarray(v).resize(size[::-1], PIL_FILTERS[interpolation]))
+                             for v in views])
         got = pre.resize(x, size, interpolation, exact64).permute(0, 2, 3, 1).numpy()
         assert np.array_equal(got, expected), f"{interpolation} {size}: max diff {np.abs(got - expected).max()}"
 

@@ -273,7 +273,8 @@ def _build_open_clip(spec: BackboneSpec, folder: Path | None = None) -> _Built:
     vision = {**model_cfg["vision_cfg"]}
     if vision.get("timm_model_name"):
         vision["timm_model_pretrained"] = False  # weights only ever come from --weights
-    tower = _seeded(lambda: _build_vision_tower(model_cfg["embed_dim"], vision, quick_gelu=model_cfg.get("quick_gelu", False)))
+    quick_gelu = model_cfg.get("quick_gelu", False)
+    tower = _seeded(lambda: _build_vision_tower(model_cfg["embed_dim"], vision, quick_gelu=quick_gelu))
     # as create_model does: defaults, then the tag's (or hub config's) settings, then the tower's size
     pp = merge_preprocess_dict(asdict(PreprocessCfg()), preprocess)
     pp["size"] = tower.image_size

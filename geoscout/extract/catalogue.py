@@ -158,6 +158,9 @@ def _split_form(form: str, original: str) -> tuple[str, str, str | None]:
     rest = rest.strip()
     if library == "timm":
         return library, rest, None
+    if rest.startswith("local-dir:"):  # a path in a backbone name would end up in store file names
+        raise ConfigError(f"backbone {original!r}: name a local open_clip folder as open_clip:hf-hub:<org>/<repo> "
+                          "(the repo it is a copy of) and pass the folder with --weights")
     if rest.startswith(OPEN_CLIP_HUB):
         if not rest[len(OPEN_CLIP_HUB):]:
             raise ConfigError(f"backbone {original!r}: no hub repo after {OPEN_CLIP_HUB!r}")

@@ -225,7 +225,7 @@ class _Pass:
 
 
 def _split_bits(taps: int) -> int:
-    """The largest low-part width whose sums (<= 255 * (2**bits - 1) * taps, plus Pillow's rounding 2**21) stay below 2**24."""
+    """The widest low part whose sums (<= 255 * (2**bits - 1) * taps, plus Pillow's 2**21) stay below 2**24."""
     bits = 0
     while 255 * (2 ** (bits + 1) - 1) * taps + (1 << (PRECISION_BITS - 1)) < 2**24:
         bits += 1

@@ -151,7 +151,8 @@ def read_split(
         raise StoreError("no dataset named")
     not_vectors = [d for d in datasets if d in NOT_FEATURES]
     if not_vectors or len(set(datasets)) != len(datasets):
-        raise StoreError(f"datasets {list(datasets)}: each may be named once, and {', '.join(NOT_FEATURES)} are not per-view vectors")
+        raise StoreError(f"datasets {list(datasets)}: each may be named once, "
+                         f"and {', '.join(NOT_FEATURES)} are not per-view vectors")
     table = read_samples(store_dir, split)
     sample_id = table["sample_id"].to_numpy().astype(np.int64)
     features, masks, fingerprints, flipped = {}, {}, {}, {}
