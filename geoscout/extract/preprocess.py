@@ -255,27 +255,25 @@ def _make_pass(in_size: int, out_size: int, interpolation: str, device: torch.de
     return _Pass(tuple(blocks), split)
 
 
-def _round_clip(parts: list[Tensor], split: int | None, dim: int) -> Tensor:
-    """Pillow's (sum + 2**21) >> 22, clipped to 0..255, on the blocks' exact integer sums (in floating point)."""
+def _round_clip(sums: Tensor, split: int | None, dim: int) -> Tensor:
+    """Pillow's (sum + 2**21) >> 22, clipped to 0..255, on one block's exact integer sums (in floating point)."""
     if split is None:
-        sums = torch.cat(parts, dim=dim)
         return sums.add_(1 << (PRECISION_BITS - 1)).mul_(2.0**-PRECISION_BITS).floor_().clamp_(0, 255)
-    high = torch.cat([p.chunk(2, dim=dim)[0] for p in parts], dim=dim)
-    low = torch.cat([p.chunk(2, dim=dim)[1] for p in parts], dim=dim)
+    high, low = sums.chunk(2, dim=dim)
     # sum = high * 2**split + low. With low + 2**21 = carry * 2**split + rest (0 <= rest < 2**split),
     # floor((sum + 2**21) / 2**22) = floor((high + carry) / 2**(22 - split)): every step is exact in float32.
-    carry = low.add_(1 << (PRECISION_BITS - 1)).mul_(2.0**-split).floor_()
-    return high.add_(carry).mul_(2.0 ** (split - PRECISION_BITS)).floor_().clamp_(0, 255)
+    carry = low.add(1 << (PRECISION_BITS - 1)).mul_(2.0**-split).floor_()
+    return carry.add_(high).mul_(2.0 ** (split - PRECISION_BITS)).floor_().clamp_(0, 255)
 
 
 def _horizontal(x: Tensor, p: _Pass) -> Tensor:  # (..., W) -> (..., out)
     x = x.to(p.blocks[0][2].dtype)  # pixel values are small integers: exact in any float dtype
-    return _round_clip([x[..., lo:hi] @ m for lo, hi, m in p.blocks], p.split, -1)
+    return torch.cat([_round_clip(x[..., lo:hi] @ m, p.split, -1) for lo, hi, m in p.blocks], dim=-1)
 
 
 def _vertical(x: Tensor, p: _Pass) -> Tensor:  # (..., H, W) -> (..., out, W)
     x = x.to(p.blocks[0][2].dtype)
-    return _round_clip([m.t() @ x[..., lo:hi, :] for lo, hi, m in p.blocks], p.split, -2)
+    return torch.cat([_round_clip(m.t() @ x[..., lo:hi, :], p.split, -2) for lo, hi, m in p.blocks], dim=-2)
 
 
 class DevicePreprocess(nn.Module):
