@@ -193,7 +193,7 @@ def backbones(
         for entry in ENTRIES:
             d = describe(entry.name, layers=layers)
             widths = ", ".join(f"{k} {v}" for k, v in d.output_dims.items())
-            weights = "random (tests, demos)" if entry.random_init else entry.weights
+            weights = "random (tests, demos)" if entry.random_init else d.default_weights
             aliases = f" (= {', '.join(entry.aliases)})" if entry.aliases else ""
             gflops = f"{d.gflops:7.1f}" if d.gflops >= 1 else f"{d.gflops:7.3f}"
             typer.echo(f"{entry.name:<22} {d.input_size[0]:>4}px  {widths:<28} {gflops}  {entry.licence:<16} {weights}")

@@ -38,8 +38,10 @@ class Entry:
     summary: str
     licence: str  # of the published weights
     licence_source: str  # where the licence was read
-    weights: str | None  # hub id of the published weights (a local copy is passed with --weights)
     aliases: tuple[str, ...] = ()
+    # hub id of the published weights where the library does not know it (timm's pretrained config
+    # and open_clip's pretrained tags name theirs); a local copy is passed with --weights
+    weights: str | None = None
     loader: str = "library"  # "library": the library's own checkpoint format; "hf_clip": a transformers CLIPModel folder
     random_init: bool = False  # tiny test architectures: seeded random weights, never loaded
     # constructor overrides (tiny architectures only); JSON values, as they are recorded in the store
@@ -67,7 +69,6 @@ ENTRIES: tuple[Entry, ...] = (
         summary="ConvNeXt V2 Large, FCMAE pretrained, ImageNet-22k then 1k fine-tuned, 384 px",
         licence="CC-BY-NC-4.0",
         licence_source="timm pretrained config (license) / ConvNeXt V2 model card",
-        weights="timm/convnextv2_large.fcmae_ft_in22k_in1k_384",
     ),
     Entry(
         name="dinov3-vitl16",
@@ -75,7 +76,6 @@ ENTRIES: tuple[Entry, ...] = (
         summary="DINOv3 ViT-L/16 (self-supervised, LVD-1689M, distilled from the 7B), native 256 px",
         licence="DINOv3 License",
         licence_source="timm pretrained config (dinov3-license); https://ai.meta.com/resources/models-and-libraries/dinov3-license/",
-        weights="timm/vit_large_patch16_dinov3.lvd1689m",
     ),
     Entry(
         name="siglip2-so400m16-256",
@@ -83,7 +83,6 @@ ENTRIES: tuple[Entry, ...] = (
         summary="SigLIP 2 So400m/16 image tower (sigmoid image-text, WebLI), native 256 px",
         licence="Apache-2.0",
         licence_source="https://huggingface.co/timm/ViT-SO400M-16-SigLIP2-256 (model card)",
-        weights="timm/ViT-SO400M-16-SigLIP2-256",
     ),
     Entry(
         name="pe-core-l14-336",
@@ -91,7 +90,6 @@ ENTRIES: tuple[Entry, ...] = (
         summary="Perception Encoder PE-Core-L/14 image tower (contrastive, distilled from PE-Core-G), 336 px",
         licence="Apache-2.0",
         licence_source="https://huggingface.co/facebook/PE-Core-L14-336 (model card)",
-        weights="timm/PE-Core-L-14-336",
     ),
     Entry(
         name="tiny-clip-random",
@@ -100,7 +98,6 @@ ENTRIES: tuple[Entry, ...] = (
         summary="a 2-block, 64-wide CLIP ViT at 64 px with random weights (tests and demos only)",
         licence="none",
         licence_source="-",
-        weights=None,
         random_init=True,
         model_kwargs={
             "embed_dim": 32,
@@ -114,7 +111,6 @@ ENTRIES: tuple[Entry, ...] = (
         summary="a 4-block ConvNeXt V2 at 64 px with random weights (tests and demos only)",
         licence="none",
         licence_source="-",
-        weights=None,
         random_init=True,
         model_kwargs={
             "depths": [1, 1, 1, 1],
