@@ -430,7 +430,7 @@ def load_backbone(
         raise ConfigError(f"--layers {layers}: give 0 (final features only) or a positive number of blocks")
     if spec.random_init:
         if weights is not None:
-            raise WeightsError(f"backbone {spec.name!r} has random weights by design and takes no weights")
+            raise WeightsError(f"backbone {spec.name!r} is randomly initialised by design and takes no weights")
         built, identity = build_random(spec), {"random_init": True, "seed": SEED}
     elif weights is None:
         raise _missing_weights_error(spec)
