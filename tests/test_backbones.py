@@ -197,7 +197,7 @@ def test_pickled_objects_are_refused(tmp_path, name):
 
 
 def test_random_weights_only_on_request(tmp_path):
-    with pytest.raises(WeightsError, match="random weights by design and takes no weights"):
+    with pytest.raises(WeightsError, match="randomly initialised by design and takes no weights"):
         load_backbone("tiny-clip-random", weights=tmp_path)
     with pytest.raises(WeightsError, match="random:timm:test_vit"):
         load_backbone("timm:test_vit", weights=None)
