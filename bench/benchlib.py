@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import replace
 from pathlib import Path
 
 from torch.utils.data import DataLoader
@@ -50,17 +49,12 @@ def decode_only(data_dir: Path, batch_size: int, workers: int, pin_memory: bool 
 
 
 def randomly_initialised(name: str) -> str:
-    """Registry name of `name`'s architecture with random weights (speed does not depend on weights).
+    """The `random:` form of `name`: its architecture with seeded random weights (speed does not depend on weights).
 
-    Real backbones refuse to run without weights, so a random-init copy of the spec is added to
-    the registry under a new name; `extract` then runs it through its ordinary code path.
+    Real backbones refuse to run without weights; `extract` runs the random form through its ordinary code path.
     """
     spec = backbones.get_spec(name)
-    if spec.random_init:
-        return spec.name
-    random = replace(spec, name=f"{spec.name}-random-init", random_init=True, default_weights=None, aliases=())
-    backbones.BACKBONES[random.name] = random
-    return random.name
+    return spec.name if spec.random_init else f"random:{spec.name}"
 
 
 def evict(path: Path) -> None:

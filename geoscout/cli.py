@@ -117,13 +117,29 @@ def score(
         typer.echo(f"{key:<22} {value:.6f}" if isinstance(value, float) else f"{key:<22} {value}")
 
 
-def _parse_weights(items: list[str]) -> dict[str, str]:
+def _parse_weights(items: list[str], backbones: list[str] | None = None) -> dict[str, str]:
+    """BACKBONE=PATH_OR_HUB_ID items; a bare PATH_OR_HUB_ID when exactly one backbone is named."""
+    from .extract.catalogue import canonical_name
+
+    def names_a_backbone(name: str) -> bool:
+        try:
+            return canonical_name(name) in named
+        except GeoscoutError:
+            return False
+
+    named = {canonical_name(b): b for b in backbones or []}
     weights = {}
     for item in items:
         name, sep, value = item.partition("=")
-        if not sep or not name or not value:
-            raise typer.BadParameter(f"{item!r}: expected BACKBONE=PATH_OR_HUB_ID, e.g. streetclip=/models/StreetCLIP")
-        weights[name] = value
+        # a backbone name never holds '=', but a path might: only a named backbone splits the item
+        if sep and name and value and (not named or names_a_backbone(name)):
+            weights[name] = value
+        elif len(named) == 1 and item:
+            weights[next(iter(named))] = item
+        else:
+            raise typer.BadParameter(
+                f"{item!r}: expected BACKBONE=PATH_OR_HUB_ID, e.g. streetclip=/models/StreetCLIP "
+                "(a bare path is taken only when exactly one backbone is named)")
     return weights
 
 
@@ -131,8 +147,8 @@ def _parse_weights(items: list[str]) -> dict[str, str]:
 def extract(
     data_dir: Annotated[Path, typer.Argument(help="Competition folder.")],
     store_dir: Annotated[Path, typer.Argument(help="Feature store folder (created; resumed if it exists).")],
-    backbone: Annotated[list[str], typer.Option("--backbone", "-b", help="Backbone(s) to embed with; repeat for several (each view is decoded once for all). See `geoscout backbones`.")],
-    weights: Annotated[list[str], typer.Option(help="BACKBONE=PATH or BACKBONE=HUB_ID: a HuggingFace StreetCLIP folder, a timm checkpoint file, or a hub id when online. Required for real backbones.")] = [],
+    backbone: Annotated[list[str], typer.Option("--backbone", "-b", help="Backbone(s) to embed with; repeat for several (each view is decoded once for all): a named entry (`geoscout backbones`), timm:<model>, open_clip:<model>[:<tag>], open_clip:hf-hub:<org>/<repo>, or random:<any of these> for random weights (tests, demos).")],
+    weights: Annotated[list[str], typer.Option(help="BACKBONE=FILE|FOLDER|HUB_ID (repeat): a checkpoint file (.safetensors, or .pth/.bin holding only tensors), a model folder, or a hub id when online; a bare FILE|FOLDER|HUB_ID when one backbone is named. Required for real backbones.")] = [],
     split: Annotated[list[str], typer.Option(help="Split(s) to embed: train, test.")] = ["train", "test"],
     device: Annotated[str, typer.Option(help=f"Where the backbones run: {DEVICE_HELP}.")] = "auto",
     precision: Annotated[str, typer.Option(help=f"What the backbones compute in: {PRECISION_HELP}. Part of the store's identity: a store is never completed or reused at another precision.")] = "auto",
@@ -144,6 +160,7 @@ def extract(
     shard_size: Annotated[int, typer.Option(help="Locations per crash-safe shard.")] = 1024,
     overwrite: Annotated[bool, typer.Option(help="Replace stores made with other weights, preprocessing or precision.")] = False,
     flip: Annotated[bool, typer.Option(help="Also embed every view mirrored left-right (features_flip), for flip test-time augmentation.")] = False,
+    layers: Annotated[int, typer.Option(help="Also store, as DINOv2's linear probes read them, the class token of each of the last K blocks ('layers'; CNNs: each of the last K stages, pooled) and the mean of the final patch tokens ('patch_mean'). 0: the final features only.", min=0)] = 0,
 ) -> None:
     """Embed every view with frozen backbones into an HDF5 feature store.
 
@@ -155,9 +172,10 @@ def extract(
 
     with _expected_failures():
         result = run_extract(
-            data_dir, store_dir, backbones=backbone, weights=_parse_weights(weights), splits=tuple(split),
+            data_dir, store_dir, backbones=backbone, weights=_parse_weights(weights, backbone), splits=tuple(split),
             device=device, precision=precision, compile=compile, batch_size=batch_size, workers=workers,
             bad_images=bad_images, check_images=check_images, shard_size=shard_size, overwrite=overwrite, flip=flip,
+            layers=layers,
         )
     for item in result.written:
         typer.echo(f"wrote {item}")
@@ -199,13 +217,47 @@ def doctor(
 
 
 @app.command()
-def backbones() -> None:
-    """List the registered backbones with their input size, embedding size and weights source."""
-    from .extract.backbones import BACKBONES
+def backbones(
+    name: Annotated[Optional[list[str]], typer.Argument(help="Backbone(s) to describe in full: a named entry or any timm:/open_clip: form.")] = None,
+    layers: Annotated[int, typer.Option(help="Show the widths of the --layers K datasets too.", min=0)] = 0,
+) -> None:
+    """List the named backbones: input size, embedding width, GFLOPs per view, licence, published weights.
 
-    for name, spec in BACKBONES.items():
-        source = "random init (tests, demo)" if spec.random_init else f"weights: {spec.default_weights} or a local path"
-        typer.echo(f"{name:<22} {spec.input_size:>4}px  {spec.embed_dim:>5}-d  {source}")
+    Sizes, widths and GFLOPs come from each model built without weights (nothing is downloaded);
+    GFLOPs are counted with torch's FlopCounterMode for one view at the model's input size
+    (a multiply-add counts as 2). With NAME, prints everything about those backbones instead.
+    """
+    from .extract.catalogue import ENTRIES
+    from .extract.describe import describe
+
+    with _expected_failures():
+        if name:
+            for item in name:
+                _print_description(describe(item, layers=layers))
+            return
+        typer.echo(f"{'name':<22} {'input':>6}  {'widths':<28} {'GFLOPs':>7}  {'licence':<16} published weights")
+        for entry in ENTRIES:
+            d = describe(entry.name, layers=layers)
+            widths = ", ".join(f"{k} {v}" for k, v in d.output_dims.items())
+            weights = "random (tests, demos)" if entry.random_init else d.default_weights
+            aliases = f" (= {', '.join(entry.aliases)})" if entry.aliases else ""
+            gflops = f"{d.gflops:7.1f}" if d.gflops >= 1 else f"{d.gflops:7.3f}"
+            typer.echo(f"{entry.name:<22} {d.input_size[0]:>4}px  {widths:<28} {gflops}  {entry.licence:<16} {weights}")
+            typer.echo(f"  {entry.form}{aliases}: {entry.summary}")
+        typer.echo("Any timm:<model> or open_clip:<model>[:<tag>] works as well; `geoscout backbones NAME` describes one.")
+
+
+def _print_description(d) -> None:
+    typer.echo(f"{d.name}")
+    typer.echo(f"  library          {d.library}: {d.model}" + (f" (pretrained tag {d.tag})" if d.tag else ""))
+    typer.echo(f"  input            {d.input_size[0]}x{d.input_size[1]}, from 256x256 views: "
+               + (", ".join(f"{k} {v}" for s in d.preprocessing["steps"] for k, v in s.items()) or "used as they are"))
+    typer.echo(f"  mean / std       {d.preprocessing['mean']} / {d.preprocessing['std']}")
+    typer.echo(f"  library config   {json.dumps(d.data_config)}")
+    typer.echo(f"  widths           {', '.join(f'{k} {v}' for k, v in d.output_dims.items())}")
+    typer.echo(f"  GFLOPs per view  {d.gflops:.2f}")
+    typer.echo(f"  weights          {'random (seeded)' if d.random_init else d.default_weights or 'give --weights'}"
+               + (f"; licence {d.licence}" if d.licence else ""))
 
 
 @app.command()

@@ -13,7 +13,7 @@ import importlib.metadata
 import os
 import tempfile
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -212,7 +212,7 @@ def _load(report: DoctorReport, name: str, weights: str | None, device: torch.de
     else:
         report.add("weights", name, f"none given: extract refuses it without --weights {name}=PATH "
                    f"(a local copy of {spec.default_weights}); timed with random weights", "warn")
-    random = spec if spec.random_init else replace(spec, random_init=True, default_weights=None)
+    random = spec if spec.random_init else get_spec(f"random:{spec.name}")
     return load_backbone(random, None, device, precision=precision)
 
 

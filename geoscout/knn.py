@@ -14,6 +14,7 @@ import numpy as np
 import polars as pl
 
 from .errors import ConfigError, GeoscoutError
+from .extract.catalogue import canonical_name
 from .geo import haversine_km, latlon_to_xyz, xyz_to_latlon
 from .index import (
     DEFAULT_BLOCK_SIZE,
@@ -337,6 +338,10 @@ def run_knn(
     exact; they run on the GPU when faiss has one and `use_gpu` allows it ("auto"), else on the CPU.
     """
     store_dir = Path(store_dir)
+    try:  # `tiny-clip` finds the store extract wrote as `tiny-clip-random`
+        backbone = canonical_name(backbone)
+    except ConfigError:
+        pass  # not a backbone name geoscout knows: a store file written under that name as it is
     manifest = read_manifest(store_dir)
     train = _read_split_descriptors(store_dir, "train", backbone, manifest, block_size)
     if train.class_id is None:

@@ -282,9 +282,9 @@ def test_a_non_finite_view_fails_loudly_and_names_its_row(synth_master, tmp_path
             self.trunk = trunk
 
         def forward(self, x):
-            out = self.trunk(x).clone()
-            out[5, 0] = 1e6  # finite in float32, inf in the float16 store: flat view 5 = location 1, east
-            out[10, 3] = float("nan")  # flat view 10 = location 2, south
+            out = {key: value.clone() for key, value in self.trunk(x).items()}
+            out["features"][5, 0] = 1e6  # finite in float32, inf in the float16 store: flat view 5 = location 1, east
+            out["features"][10, 3] = float("nan")  # flat view 10 = location 2, south
             return out
 
     def load_poisoned(*args, **kwargs):

@@ -1,26 +1,32 @@
-"""Backbone registry and the one embedding interface every backbone is used through.
+"""Any timm or open_clip backbone by name, its weights, and the one embedding interface.
 
-Adding a backbone is one `BackboneSpec` entry. The tiny random entries run the same code
-paths (open_clip ViT, timm ConvNeXt V2) as the real ones, so tests and CPU demos exercise them.
+What a name means is catalogue.py's job (`canonical_name`); this module builds the model, loads
+its weights through the safe loaders, and takes everything about its input from the library:
+input size, interpolation, mean/std, crop_pct and crop mode from timm's
+`resolve_model_data_config` or open_clip's preprocess config, turned into the library's own eval
+transform and run on the device exactly (preprocess.py). The embedding widths are the model's.
 """
 
 from __future__ import annotations
 
 from contextlib import AbstractContextManager
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-import timm
 import torch
-import torch.nn.functional as F
-from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from torch import Tensor, nn
 
 from ..device import autocast_dtype, resolve_precision
-from ..errors import ConfigError
-from .hf_clip import ClipVisionArch, arch_from_open_clip, build_open_clip_vision, load_hf_clip_folder
+from ..errors import ConfigError, warn
+from ..store.layout import LAYER_DATASETS
+from .catalogue import RANDOM_PREFIX, Entry, canonical_name, parse_name  # noqa: F401 (canonical_name: re-exported)
+from .dataset import DECODE_SIZE
+from .hf_clip import arch_from_open_clip, build_open_clip_vision, load_hf_clip_folder
+from .preprocess import DevicePreprocess
+from .trunks import OpenClipTrunk, TimmTrunk
 from .weights import (
+    OPEN_CLIP_WEIGHT_FILES,
     WEIGHT_FILE_NAMES,
     WeightsError,
     check_state_dict_keys,
@@ -30,127 +36,97 @@ from .weights import (
     weights_identity,
 )
 
-Library = Literal["open_clip", "timm"]
-Triple = tuple[float, float, float]
 HF_CLIP_EXTRA_FILES = ("config.json", "preprocessor_config.json")
+OPEN_CLIP_CONFIG = "open_clip_config.json"
 TIMM_WRAPPER_PREFIXES = ("module.", "model.")  # DataParallel / Lightning-style wrapping
+OPEN_CLIP_VISUAL = "visual."
+SEED = 0  # random weights are seeded, so a random backbone is the same on every load
 
 
 @dataclass(frozen=True)
 class BackboneSpec:
+    """What a backbone name means (see catalogue.py); nothing is built or downloaded to know it."""
+
+    name: str  # canonical
+    library: str  # "timm" or "open_clip"
+    model: str  # timm model name; open_clip config name or "hf-hub:<org>/<repo>"
+    tag: str | None  # open_clip pretrained tag
+    loader: str  # "library": the library's checkpoint format; "hf_clip": a transformers CLIPModel folder
+    random_init: bool
+    model_kwargs: dict[str, Any] = field(default_factory=dict, hash=False)
+    entry: Entry | None = field(default=None, compare=False, hash=False)
+
+    @property
+    def default_weights(self) -> str | None:
+        """Hub id of the published weights, where the catalogue or the library knows one."""
+        if self.random_init:
+            return None
+        if self.entry is not None and self.entry.weights:
+            return self.entry.weights
+        if self.library == "timm":
+            import timm
+
+            cfg = timm.get_pretrained_cfg(self.model, allow_unregistered=True)
+            return getattr(cfg, "hf_hub_id", None) or None
+        if self.model.startswith("hf-hub:"):
+            return self.model[len("hf-hub:"):]
+        if self.tag:
+            import open_clip
+
+            return (open_clip.get_pretrained_cfg(self.model, self.tag).get("hf_hub") or "").rstrip("/") or None
+        return None
+
+
+@dataclass(frozen=True)
+class LoadedSpec:
+    """Everything the stored numbers depend on besides the weights: recorded and fingerprinted in the store."""
+
     name: str
-    library: Library
-    architecture: ClipVisionArch | str  # open_clip: the ViT to build; timm: a model name
-    default_weights: str | None  # hub id of the published weights; None for random test backbones
-    input_size: int  # square side the model sees
-    mean: Triple
-    std: Triple
-    interpolation: str  # torch F.interpolate mode
-    embed_dim: int  # size of the stored "features"
-    projected_dim: int | None  # size of "projected" (CLIP image embedding), None when there is none
-    output: str  # what "features" is, in words
-    random_init: bool = False
-    seed: int = 0
-    arch_kwargs: tuple[tuple[str, Any], ...] = ()  # timm constructor overrides (tiny architectures)
-    aliases: tuple[str, ...] = field(default=(), compare=False)
+    library: str
+    model: str
+    tag: str | None
+    loader: str
+    model_kwargs: dict
+    random_init: bool
+    architecture: dict  # the vision tower's config as built (open_clip / HF CLIP); timm: the model name
+    data_config: dict  # what the library says about the input (timm data config / open_clip preprocess config)
+    preprocessing: dict  # the eval transform as run (preprocess.Plan.record), for DECODE_SIZE views
+    embed_dim: int  # width of "features"
+    projected_dim: int | None  # width of "projected" (the image embedding), None when there is none
+    layers: int = 0  # extract --layers K
+    layer_dims: dict = field(default_factory=dict)  # "layers" / "patch_mean" -> width, when layers > 0
 
+    @property
+    def input_size(self) -> int:
+        return self.preprocessing["input_size"][0]
 
-def _timm_preprocessing(model_name: str) -> dict:
-    """Input size, mean, std and interpolation from timm's pretrained config, not hand-written."""
-    cfg = timm.get_pretrained_cfg(model_name)
-    return dict(
-        input_size=cfg.input_size[-1], mean=tuple(cfg.mean), std=tuple(cfg.std), interpolation=cfg.interpolation
-    )
-
-
-_STREETCLIP_ARCH = arch_from_open_clip("ViT-L-14-336-quickgelu")  # QuickGELU: CLIP was trained with it
-_TINY_CLIP_ARCH = ClipVisionArch(
-    image_size=64, patch_size=8, width=64, layers=2, heads=2, mlp_dim=256, projection_dim=32, quick_gelu=True
-)
-_CONVNEXT_LARGE = "convnextv2_large.fcmae_ft_in22k_in1k_384"  # its crop_pct is 1.0: a plain resize matches
-_TINY_CONVNEXT = "convnextv2_atto"
-_TINY_CONVNEXT_KWARGS = (("depths", (1, 1, 1, 1)), ("dims", (16, 32, 64, 128)))
-
-_SPECS = (
-    BackboneSpec(
-        name="streetclip",
-        library="open_clip",
-        architecture=_STREETCLIP_ARCH,
-        default_weights="geolocal/StreetCLIP",
-        input_size=_STREETCLIP_ARCH.image_size,
-        mean=OPENAI_DATASET_MEAN,
-        std=OPENAI_DATASET_STD,
-        interpolation="bicubic",
-        embed_dim=_STREETCLIP_ARCH.width,
-        projected_dim=_STREETCLIP_ARCH.projection_dim,
-        output="pooled pre-projection (post-layernorm CLS token = HF pooler_output)",
-    ),
-    BackboneSpec(
-        name="convnextv2-large",
-        library="timm",
-        architecture=_CONVNEXT_LARGE,
-        default_weights=f"timm/{_CONVNEXT_LARGE}",
-        **_timm_preprocessing(_CONVNEXT_LARGE),
-        embed_dim=1536,
-        projected_dim=None,
-        output="pre-logits (global average pool + head layernorm)",
-    ),
-    BackboneSpec(
-        name="tiny-clip-random",
-        library="open_clip",
-        architecture=_TINY_CLIP_ARCH,
-        default_weights=None,
-        input_size=_TINY_CLIP_ARCH.image_size,
-        mean=OPENAI_DATASET_MEAN,
-        std=OPENAI_DATASET_STD,
-        interpolation="bicubic",
-        embed_dim=_TINY_CLIP_ARCH.width,
-        projected_dim=_TINY_CLIP_ARCH.projection_dim,
-        output="pooled pre-projection of a random tiny ViT (tests and demos only)",
-        random_init=True,
-        seed=0,
-        aliases=("tiny-clip",),
-    ),
-    BackboneSpec(
-        name="tiny-convnext-random",
-        library="timm",
-        architecture=_TINY_CONVNEXT,
-        default_weights=None,
-        **{**_timm_preprocessing(_TINY_CONVNEXT), "input_size": 64},
-        embed_dim=128,
-        projected_dim=None,
-        output="pre-logits of a random tiny ConvNeXt V2 (tests and demos only)",
-        random_init=True,
-        seed=0,
-        arch_kwargs=_TINY_CONVNEXT_KWARGS,
-        aliases=("tiny-convnext",),
-    ),
-)
-BACKBONES: dict[str, BackboneSpec] = {spec.name: spec for spec in _SPECS}
-_ALIASES = {alias: spec.name for spec in _SPECS for alias in spec.aliases}
+    @property
+    def output_dims(self) -> dict[str, int]:
+        """Width of every dataset this backbone writes per view."""
+        dims = {"features": self.embed_dim}
+        if self.projected_dim:
+            dims["projected"] = self.projected_dim
+        return {**dims, **self.layer_dims}
 
 
 def get_spec(name: str) -> BackboneSpec:
-    canonical = _ALIASES.get(name, name)
-    if canonical not in BACKBONES:
-        aliases = ", ".join(f"{a} = {n}" for a, n in _ALIASES.items())
-        raise ConfigError(f"unknown backbone {name!r}; available: {', '.join(BACKBONES)} (aliases: {aliases})")
-    return BACKBONES[canonical]
+    parsed = parse_name(name)
+    entry = parsed.entry
+    return BackboneSpec(
+        name=parsed.canonical,
+        library=parsed.library,
+        model=parsed.model,
+        tag=parsed.tag,
+        loader=entry.loader if entry is not None else "library",
+        random_init=parsed.random_init,
+        model_kwargs=dict(entry.model_kwargs) if entry is not None else {},
+        entry=entry,
+    )
 
 
-def preprocessing_record(spec: BackboneSpec) -> dict:
-    """How images become model input, for the feature store's metadata."""
-    return {
-        "input": "uint8 RGB (B, 3, H, W)",
-        "resize": f"whole image to {spec.input_size}x{spec.input_size}, no crop (inputs are square)",
-        "input_size": spec.input_size,
-        "interpolation": spec.interpolation,
-        "antialias": True,
-        "clamp": [0, 255],
-        "scale": "1/255",
-        "mean": list(spec.mean),
-        "std": list(spec.std),
-    }
+def preprocessing_record(spec: LoadedSpec) -> dict:
+    """How views become model input, for the feature store's metadata."""
+    return {**spec.preprocessing, "data_config": spec.data_config}
 
 
 def _no_autograd() -> AbstractContextManager:
@@ -159,43 +135,33 @@ def _no_autograd() -> AbstractContextManager:
 
 
 class Embedder(nn.Module):
-    """uint8 images -> {"features": (B, embed_dim)[, "projected": (B, projected_dim)]}, float32."""
+    """uint8 views -> {"features": (B, D)[, "projected"][, "layers", "patch_mean"]}, float32."""
 
-    def __init__(self, spec: BackboneSpec, trunk: nn.Module, projection: Tensor | None = None):
+    def __init__(self, spec: LoadedSpec, trunk: nn.Module, preprocess: DevicePreprocess):
         super().__init__()
         self.spec = spec
         self.trunk = trunk.eval()
-        self.register_buffer("projection", projection)
-        self.register_buffer("mean", torch.tensor(spec.mean).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor(spec.std).view(1, 3, 1, 1))
+        self.pre = preprocess
         self.precision = "fp32"  # "fp32", "bf16" or "fp16": what autocast computes in (load_backbone sets it)
 
     @property
     def device(self) -> torch.device:
-        return self.mean.device
+        return self.pre.mean.device
 
     def preprocess(self, images: Tensor) -> Tensor:
-        if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
-            raise ValueError(f"expected uint8 images (B, 3, H, W); got {images.dtype} {tuple(images.shape)}")
-        x = images.to(self.device, non_blocking=True).float()
-        size = self.spec.input_size
-        if x.shape[-2:] != (size, size):
-            x = F.interpolate(x, size=(size, size), mode=self.spec.interpolation, antialias=True, align_corners=False)
-            x = x.clamp(0, 255)  # bicubic overshoots; image libraries clamp to the uint8 range
-        return (x / 255 - self.mean) / self.std
+        """uint8 (B, 3, H, W) -> the library's eval transform of each view, normalised (B, 3, S, S)."""
+        return self.pre(images)
 
     def embed_pixels(self, pixels: Tensor) -> dict[str, Tensor]:
-        """Embed already-normalised (B, 3, input_size, input_size) float pixels."""
+        """Embed already-normalised (B, 3, S, S) float pixels."""
         on_cuda = self.device.type == "cuda"
         pixels = pixels.to(self.device)
         if on_cuda:
             pixels = pixels.contiguous(memory_format=torch.channels_last)
         dtype = autocast_dtype(self.precision)  # None: plain float32
         with _no_autograd(), torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
-            features = self.trunk(pixels)
-            out = {"features": features.float()}
-            if self.projection is not None:
-                out["projected"] = (features @ self.projection).float()
+            out = self.trunk(pixels)
+            out = {key: value.float() for key, value in out.items()}
         return out
 
     def forward(self, images: Tensor) -> dict[str, Tensor]:
@@ -209,106 +175,279 @@ class LoadedBackbone:
     weights_identity: dict | None  # JSON-serialisable: file sha256s, hub revision, or the random seed
 
     @property
-    def spec(self) -> BackboneSpec:
-        """The spec as loaded: a CLIP checkpoint's own config decides its sizes."""
+    def spec(self) -> LoadedSpec:
         return self.embedder.spec
 
+    @property
+    def output_dims(self) -> dict[str, int]:
+        return self.spec.output_dims
 
-def _seeded_build(spec: BackboneSpec) -> nn.Module:
-    # Seeded so random backbones are identical on every load; fork_rng leaves the caller's RNG alone.
+
+# ------------------------------------------------------------------------------------------ building
+
+
+@dataclass
+class _Built:
+    tower: nn.Module  # timm model (num_classes=0) or open_clip vision tower
+    transform: Any  # the library's eval transform (torchvision Compose of PIL steps)
+    architecture: dict
+    data_config: dict
+    files: tuple = ()  # config files read besides the weights (their hashes join the weights identity)
+
+
+def _seeded(build):
+    # fork_rng leaves the caller's RNG alone; the seed makes random backbones identical on every load
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(spec.seed)
-        if spec.library == "open_clip":
-            return build_open_clip_vision(spec.architecture)
-        return timm.create_model(spec.architecture, pretrained=False, num_classes=0, **dict(spec.arch_kwargs))
+        torch.manual_seed(SEED)
+        return build()
 
 
-def _split_projection(tower: nn.Module) -> tuple[nn.Module, Tensor]:
-    """Detach open_clip's projection so the tower returns the pooled embedding before it."""
-    projection = tower.proj.detach()
-    tower.proj = None
-    return tower, projection
+def _json(value):
+    return value if isinstance(value, (str, int, float, bool, type(None))) else (
+        [_json(v) for v in value] if isinstance(value, (list, tuple)) else
+        {str(k): _json(v) for k, v in value.items()} if isinstance(value, dict) else str(value))
 
 
-def _missing_weights_error(spec: BackboneSpec) -> WeightsError:
-    what = "a transformers CLIPModel folder" if spec.library == "open_clip" else "a checkpoint file or folder"
-    return WeightsError(
-        f"backbone {spec.name!r} needs pretrained weights and will not run randomly initialised; "
-        f"pass --weights with {what} (a local copy of {spec.default_weights}), "
-        f"or --weights {spec.default_weights} to download it when online"
-    )
+def _build_timm(spec: BackboneSpec) -> _Built:
+    import timm
+    from timm.data import create_transform, resolve_model_data_config
+
+    if not timm.is_model(spec.model):
+        close = timm.list_models(f"*{spec.model.split('.')[0][:12]}*")[:8]
+        raise ConfigError(f"timm has no model {spec.model!r}" + (f"; similar: {', '.join(close)}" if close else ""))
+    kwargs = dict(spec.model_kwargs)
+    overlay = kwargs.pop("pretrained_cfg_overlay", None)
+    try:
+        model = _seeded(lambda: timm.create_model(
+            spec.model, pretrained=False, num_classes=0, pretrained_cfg_overlay=overlay, **kwargs))
+    except RuntimeError as err:  # e.g. an unknown pretrained tag
+        raise ConfigError(f"timm could not build {spec.model!r}: {err}") from err
+    data_config = resolve_model_data_config(model)
+    with torch.device("cpu"):  # the transform's constants stay real when the model is built on the meta device
+        transform = create_transform(**data_config, is_training=False)
+    return _Built(model, transform, {"timm_model": spec.model, "kwargs": _json(spec.model_kwargs)}, _json(data_config))
 
 
-def _load_clip(spec: BackboneSpec, weights: str | Path, hash_weights: bool) -> tuple[BackboneSpec, nn.Module, Tensor, dict | None]:
+def _open_clip_config(spec: BackboneSpec, folder: Path | None) -> tuple[dict, dict, tuple]:
+    """(model config, preprocess overrides, files read) of an open_clip name; hf-hub configs from `folder` or the hub."""
+    import json
+
+    import open_clip
+
+    if spec.model.startswith("hf-hub:"):
+        repo = spec.model[len("hf-hub:"):]
+        path = folder / OPEN_CLIP_CONFIG if folder is not None else None
+        if path is None or not path.is_file():
+            if folder is not None:
+                raise WeightsError(f"{folder} has no {OPEN_CLIP_CONFIG}; {spec.name} takes its architecture from it")
+            try:
+                path = Path(resolve_weights(repo, weight_files=(OPEN_CLIP_CONFIG,)).path) / OPEN_CLIP_CONFIG
+            except WeightsError as err:
+                raise ConfigError(f"{spec.name}: its architecture is in {repo}'s {OPEN_CLIP_CONFIG}, "
+                                  f"which is not here ({err})") from err
+        config = json.loads(path.read_text(encoding="utf-8"))
+        if "model_cfg" not in config:
+            raise WeightsError(f"{path} has no 'model_cfg'")
+        return config["model_cfg"], config.get("preprocess_cfg", {}), (path,)
+    model_cfg = open_clip.get_model_config(spec.model)
+    if model_cfg is None:
+        raise ConfigError(f"open_clip has no model config {spec.model!r} (see open_clip.list_models())")
+    preprocess = {}
+    if spec.tag:
+        preprocess = open_clip.get_pretrained_cfg(spec.model, spec.tag)
+        if not preprocess:
+            tags = open_clip.list_pretrained_tags_by_model(spec.model)
+            raise ConfigError(f"open_clip model {spec.model!r} has no pretrained tag {spec.tag!r}; "
+                              f"its tags: {', '.join(tags) or 'none'}")
+        if bool(preprocess.get("quick_gelu", False)) != bool(model_cfg.get("quick_gelu", False)):
+            warn(f"the {spec.tag!r} weights of {spec.model} were trained with quick_gelu="
+                 f"{preprocess.get('quick_gelu', False)}, unlike the {spec.model} config; open_clip has a "
+                 "-quickgelu variant of the config for them")
+    return model_cfg, preprocess, ()
+
+
+def _build_open_clip(spec: BackboneSpec, folder: Path | None = None) -> _Built:
+    from open_clip.model import _build_vision_tower
+    from open_clip.transform import PreprocessCfg, image_transform_v2, merge_preprocess_dict
+
+    model_cfg, preprocess, files = _open_clip_config(spec, folder)
+    model_cfg = {**model_cfg, **spec.model_kwargs}  # as open_clip's create_model applies overrides
+    vision = {**model_cfg["vision_cfg"]}
+    if vision.get("timm_model_name"):
+        vision["timm_model_pretrained"] = False  # weights only ever come from --weights
+    quick_gelu = model_cfg.get("quick_gelu", False)
+    tower = _seeded(lambda: _build_vision_tower(model_cfg["embed_dim"], vision, quick_gelu=quick_gelu))
+    # as create_model does: defaults, then the tag's (or hub config's) settings, then the tower's size
+    pp = merge_preprocess_dict(asdict(PreprocessCfg()), preprocess)
+    pp["size"] = tower.image_size
+    pp = {k: v for k, v in pp.items() if k in PreprocessCfg.__dataclass_fields__}
+    with torch.device("cpu"):  # as in _build_timm
+        transform = image_transform_v2(PreprocessCfg(**pp), is_train=False)
+    architecture = {k: v for k, v in model_cfg.items() if k != "text_cfg"}
+    return _Built(tower, transform, _json(architecture), _json(pp), files)
+
+
+def _hf_clip_preprocess(image_size: int, mean=None, std=None, interpolation=None):
+    """open_clip's eval transform for a CLIP tower, with a transformers folder's own settings where it has them."""
+    from open_clip.transform import PreprocessCfg, image_transform_v2
+
+    pp = asdict(PreprocessCfg(size=image_size))
+    pp.update({k: v for k, v in (("mean", mean), ("std", std), ("interpolation", interpolation)) if v is not None})
+    with torch.device("cpu"):  # as in _build_timm
+        return image_transform_v2(PreprocessCfg(**pp), is_train=False), _json(pp)
+
+
+def _build_hf_clip_random(spec: BackboneSpec) -> _Built:
+    arch = arch_from_open_clip(spec.model)
+    tower = _seeded(lambda: build_open_clip_vision(arch))
+    transform, pp = _hf_clip_preprocess(arch.image_size)
+    return _Built(tower, transform, asdict(arch), pp)
+
+
+def _load_hf_clip(spec: BackboneSpec, weights: str | Path, hash_weights: bool) -> tuple[_Built, dict | None]:
     source = resolve_weights(weights, weight_files=WEIGHT_FILE_NAMES, extra_files=HF_CLIP_EXTRA_FILES)
     ckpt = load_hf_clip_folder(source.path)
-    arch = ckpt.arch
-    loaded_spec = replace(
-        spec,
-        architecture=arch,
-        input_size=arch.image_size,
-        embed_dim=arch.width,
-        projected_dim=arch.projection_dim,
-        mean=ckpt.mean or spec.mean,
-        std=ckpt.std or spec.std,
-        interpolation=ckpt.interpolation or spec.interpolation,
-    )
-    tower, projection = _split_projection(ckpt.tower)
-    return loaded_spec, tower, projection, weights_identity(source, ckpt.files) if hash_weights else None
+    transform, pp = _hf_clip_preprocess(ckpt.arch.image_size, ckpt.mean, ckpt.std, ckpt.interpolation)
+    identity = weights_identity(source, ckpt.files) if hash_weights else None
+    return _Built(ckpt.tower, transform, asdict(ckpt.arch), pp), identity
 
 
-def _strip_wrapper_prefix(state: dict[str, Tensor]) -> dict[str, Tensor]:
-    for prefix in TIMM_WRAPPER_PREFIXES:
+def _strip_prefix(state: dict[str, Tensor], prefixes: tuple[str, ...]) -> dict[str, Tensor]:
+    for prefix in prefixes:
         if state and all(k.startswith(prefix) for k in state):
             return {k[len(prefix):]: v for k, v in state.items()}
     return state
 
 
-def _load_timm(spec: BackboneSpec, weights: str | Path, hash_weights: bool) -> tuple[nn.Module, dict | None]:
-    source = resolve_weights(weights, weight_files=WEIGHT_FILE_NAMES)
-    path = find_weight_file(source.path) if source.path.is_dir() else source.path
-    model = _seeded_build(spec)
-    state = _strip_wrapper_prefix(read_state_dict(path))
-    classifier = model.pretrained_cfg.get("classifier")
-    if classifier:  # we keep pre-logits, so the classification head is not needed
-        state = {k: v for k, v in state.items() if not k.startswith(f"{classifier}.")}
-    check_state_dict_keys(expected=model.state_dict().keys(), found=state.keys(), source=str(path))
+def _load_state(module: nn.Module, state: dict[str, Tensor], source: Path, what: str) -> None:
+    check_state_dict_keys(expected=module.state_dict().keys(), found=state.keys(), source=str(source))
     try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as err:
-        raise WeightsError(f"{path} does not fit {spec.architecture}: {err}") from err
-    return model, weights_identity(source, [path]) if hash_weights else None
+        module.load_state_dict(state, strict=True)
+    except RuntimeError as err:  # shape mismatches
+        raise WeightsError(f"{source} does not fit {what}: {err}") from err
+
+
+def _load_library(spec: BackboneSpec, weights: str | Path, hash_weights: bool) -> tuple[_Built, dict | None]:
+    if spec.library == "timm":
+        source = resolve_weights(weights, weight_files=WEIGHT_FILE_NAMES)
+        path = find_weight_file(source.path) if source.path.is_dir() else source.path
+        built = _build_timm(spec)
+        state = _strip_prefix(read_state_dict(path), TIMM_WRAPPER_PREFIXES)
+        classifier = built.tower.pretrained_cfg.get("classifier")
+        for name in (classifier,) if isinstance(classifier, str) else classifier or ():
+            # we keep pre-logits, so classification heads are not needed
+            state = {k: v for k, v in state.items() if not k.startswith(f"{name}.")}
+        _load_state(built.tower, state, path, spec.model)
+        return built, weights_identity(source, [path]) if hash_weights else None
+    extra = (OPEN_CLIP_CONFIG,) if spec.model.startswith("hf-hub:") else ()
+    source = resolve_weights(weights, weight_files=OPEN_CLIP_WEIGHT_FILES, extra_files=extra)
+    folder = source.path if source.path.is_dir() else None
+    path = find_weight_file(source.path, OPEN_CLIP_WEIGHT_FILES + WEIGHT_FILE_NAMES) if folder else source.path
+    built = _build_open_clip(spec, folder)
+    # a whole open_clip model's checkpoint: its vision tower is under "visual." (text keys are not read)
+    state = _strip_prefix(read_state_dict(path, prefix=OPEN_CLIP_VISUAL), ("module.", OPEN_CLIP_VISUAL))
+    _load_state(built.tower, state, path, f"the {spec.model} vision tower")
+    return built, weights_identity(source, [path, *built.files]) if hash_weights else None
+
+
+def _missing_weights_error(spec: BackboneSpec) -> WeightsError:
+    if spec.loader == "hf_clip":
+        what = "a transformers CLIPModel folder"
+    elif spec.library == "timm":
+        what = "a timm checkpoint file or folder (model.safetensors)"
+    else:
+        what = f"an open_clip checkpoint file or folder ({', '.join(OPEN_CLIP_WEIGHT_FILES)})"
+    published = spec.default_weights
+    hint = (f" (a local copy of {published}), or --weights {spec.name}={published} to download it when online"
+            if published else "")
+    return WeightsError(
+        f"backbone {spec.name!r} needs pretrained weights and will not run randomly initialised; pass "
+        f"--weights {spec.name}=PATH with {what}{hint}; {RANDOM_PREFIX}{spec.name} runs it with random "
+        "weights (tests and demos only)"
+    )
+
+
+def build_random(spec: BackboneSpec) -> _Built:
+    """The architecture with seeded random weights (under `torch.device('meta')`: shapes only, no memory)."""
+    if spec.loader == "hf_clip":
+        return _build_hf_clip_random(spec)
+    return _build_timm(spec) if spec.library == "timm" else _build_open_clip(spec)
+
+
+def _trunk(spec: BackboneSpec, tower: nn.Module, layers: int) -> nn.Module:
+    if spec.library == "timm":
+        return TimmTrunk(tower, layers, spec.name)
+    return OpenClipTrunk(tower, layers, spec.name)
+
+
+def _library_width(spec: BackboneSpec, tower: nn.Module) -> int:
+    """The width of "features" as the library states it (checked against a forward pass at load)."""
+    model = tower.trunk if hasattr(tower, "trunk") else tower
+    if hasattr(model, "num_features"):  # timm: the width of pre-logits
+        return int(getattr(model, "head_hidden_size", None) or model.num_features)
+    if hasattr(model, "transformer"):  # open_clip VisionTransformer: its width before the projection
+        return int(model.transformer.width)
+    return int(model.output_dim)
+
+
+def _dry_run(embedder: Embedder, spec: BackboneSpec, layers: int) -> dict[str, int]:
+    """Output widths from one forward pass of a blank view; --layers beyond the model's depth fails here."""
+    blank = torch.zeros(1, 3, DECODE_SIZE, DECODE_SIZE, dtype=torch.uint8)
+    try:
+        out = embedder(blank)
+    except (AssertionError, IndexError) as err:
+        if layers:
+            raise ConfigError(f"--layers {layers} does not fit {spec.name}: {err}") from err
+        raise
+    return {key: int(value.shape[-1]) for key, value in out.items()}
+
+
+def make_embedder(spec: BackboneSpec, built: _Built, layers: int, device: str | torch.device) -> Embedder:
+    trunk = _trunk(spec, built.tower, layers)
+    preprocess = DevicePreprocess(built.transform, (DECODE_SIZE, DECODE_SIZE))
+    width = _library_width(spec, built.tower)
+    loaded = LoadedSpec(
+        name=spec.name, library=spec.library, model=spec.model, tag=spec.tag, loader=spec.loader,
+        model_kwargs=_json(spec.model_kwargs), random_init=spec.random_init, architecture=built.architecture,
+        data_config=built.data_config, preprocessing=preprocess.plan.record(), embed_dim=width,
+        projected_dim=None, layers=layers,
+    )
+    embedder = Embedder(loaded, trunk, preprocess).to(device)
+    dims = _dry_run(embedder, spec, layers)
+    if dims["features"] != width:
+        raise ValueError(f"backbone {spec.name!r} outputs {dims['features']} features; its library says {width}")
+    embedder.spec = replace(loaded, projected_dim=dims.get("projected"),
+                            layer_dims={k: dims[k] for k in LAYER_DATASETS if k in dims})
+    return embedder
 
 
 def load_backbone(
     spec_or_name: BackboneSpec | str, weights: str | Path | None, device: str | torch.device = "cpu",
-    *, precision: str = "auto", hash_weights: bool = True,
+    *, precision: str = "auto", hash_weights: bool = True, layers: int = 0,
 ) -> LoadedBackbone:
     """Build a backbone and load its weights; real backbones refuse to run without weights.
 
     `precision`: see device.resolve_precision. `hash_weights=False` skips hashing the weight files
     (weights_identity is then None): torchrun processes other than rank 0 take rank 0's hashes.
+    `layers` K > 0 adds the multi-layer outputs ("layers", "patch_mean"; see trunks.py).
     """
     spec = get_spec(spec_or_name) if isinstance(spec_or_name, str) else spec_or_name
-    projection = None
+    if layers < 0:
+        raise ConfigError(f"--layers {layers}: give 0 (final features only) or a positive number of blocks")
     if spec.random_init:
         if weights is not None:
             raise WeightsError(f"backbone {spec.name!r} is randomly initialised by design and takes no weights")
-        trunk, identity = _seeded_build(spec), {"random_init": True, "seed": spec.seed}
-        if spec.library == "open_clip":
-            trunk, projection = _split_projection(trunk)
+        built, identity = build_random(spec), {"random_init": True, "seed": SEED}
     elif weights is None:
         raise _missing_weights_error(spec)
-    elif spec.library == "open_clip":
-        spec, trunk, projection, identity = _load_clip(spec, weights, hash_weights)
+    elif spec.loader == "hf_clip":
+        built, identity = _load_hf_clip(spec, weights, hash_weights)
     else:
-        trunk, identity = _load_timm(spec, weights, hash_weights)
-    if getattr(trunk, "num_features", spec.embed_dim) != spec.embed_dim:
-        raise ValueError(
-            f"backbone {spec.name!r} outputs {trunk.num_features} features; its spec says {spec.embed_dim}"
-        )
-    embedder = Embedder(spec, trunk, projection).to(device)
+        built, identity = _load_library(spec, weights, hash_weights)
+    embedder = make_embedder(spec, built, layers, device)
     embedder.precision = resolve_precision(precision, embedder.device)
     if embedder.device.type == "cuda":
         embedder.trunk.to(memory_format=torch.channels_last)
     return LoadedBackbone(embedder.eval(), identity)
+
+

@@ -189,8 +189,7 @@ def _identity(loaded: LoadedBackbone, name: str, table: SplitTable, competition:
     spec = loaded.spec  # as loaded: a CLIP checkpoint's config decides its sizes
     spec_dict = json.loads(json.dumps(asdict(spec), default=str))
     preprocessing = {**preprocessing_record(spec), "decode_size": DECODE_SIZE}
-    dims = {"features": spec.embed_dim, **({"projected": spec.projected_dim} if spec.projected_dim else {}),
-            **({FLIP_DATASET: spec.embed_dim} if flip else {})}
+    dims = {**loaded.output_dims, **({FLIP_DATASET: spec.embed_dim} if flip else {})}
     return StoreIdentity(
         split=table.name, backbone=name, n_rows=len(table), split_fingerprint=table.fingerprint(),
         dataset_fingerprint=competition.fingerprint(),
@@ -287,6 +286,7 @@ def extract(
     overwrite: bool = False,
     check_images: bool = True,
     flip: bool = False,
+    layers: int = 0,
     progress: bool = True,
 ) -> ExtractResult:
     """Embed every view of `splits` with each backbone into `store_dir` (see store/layout.py).
@@ -296,7 +296,8 @@ def extract(
     `precision` (auto, fp32, bf16, fp16; see device.resolve_precision) is part of each store's
     identity: a store is never completed or reused at another precision. `compile` (None: on for
     CUDA, off on the CPU) compiles each backbone once, for one batch shape. `flip` also embeds
-    every view mirrored left-right, as `features_flip` (flip test-time augmentation).
+    every view mirrored left-right, as `features_flip` (flip test-time augmentation). `layers` K > 0
+    also stores the last K blocks' class tokens and the final patch-token mean (docs/store.md).
     """
     store_dir = Path(store_dir)
     # canonical names, so an alias never creates a second store of the same backbone
@@ -315,7 +316,7 @@ def extract(
         return _extract(ranks, Path(data_dir), store_dir, backbones=backbones, weights=weights, splits=tuple(splits),
                         device=device, precision=precision, compile=compile, batch_size=batch_size, workers=workers,
                         bad_images=bad_images, shard_size=shard_size, overwrite=overwrite, check_images=check_images,
-                        flip=flip, progress=progress)
+                        flip=flip, layers=layers, progress=progress)
     except BaseException as exc:
         ranks.publish_failure(exc)  # no-op alone; under torchrun the other ranks stop at once
         raise
@@ -324,7 +325,7 @@ def extract(
 
 
 def _extract(ranks: Ranks, data_dir: Path, store_dir: Path, *, backbones, weights, splits, device, precision, compile,
-             batch_size, workers, bad_images, shard_size, overwrite, check_images, flip, progress) -> ExtractResult:
+             batch_size, workers, bad_images, shard_size, overwrite, check_images, flip, layers, progress) -> ExtractResult:
     torch_device = ranks.step("choose the device", lambda: _select_device(device, ranks))
     precision = resolve_precision(precision, torch_device)
     compiled = torch_device.type == "cuda" if compile is None else bool(compile)
@@ -356,7 +357,8 @@ def _extract(ranks: Ranks, data_dir: Path, store_dir: Path, *, backbones, weight
     ranks.step("write the store's tables", write_tables if ranks.is_main else None)
     # the weights are hashed once, by rank 0, whose plan carries the identities to the others
     loaded = ranks.step("load the backbones", lambda: {
-        name: load_backbone(name, weights.get(name), torch_device, precision=precision, hash_weights=ranks.is_main)
+        name: load_backbone(name, weights.get(name), torch_device, precision=precision, hash_weights=ranks.is_main,
+                            layers=layers)
         for name in backbones
     })
     plan = ranks.broadcast("plan the shards", lambda: _plan(

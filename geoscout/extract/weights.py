@@ -18,6 +18,7 @@ from ..errors import GeoscoutError
 
 # Preferred first: safetensors cannot run code when read.
 WEIGHT_FILE_NAMES = ("model.safetensors", "pytorch_model.bin")
+OPEN_CLIP_WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")  # open_clip hub repos
 PICKLE_SUFFIXES = (".bin", ".pth", ".pt", ".ckpt")
 HUB_ID = re.compile(r"^(?:hf-hub:)?(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<revision>[\w./-]+))?$")
 HUB_TIMEOUT_S = 10.0  # fail fast when there is no network rather than hang on retries
@@ -103,22 +104,38 @@ def _download(
     return WeightsSource(Path(folder), repo_id=repo_id, revision=info.sha)
 
 
-def find_weight_file(folder: Path) -> Path:
-    """The checkpoint inside a model folder, safetensors preferred."""
-    for name in WEIGHT_FILE_NAMES:
+def find_weight_file(folder: Path, names: Sequence[str] = WEIGHT_FILE_NAMES) -> Path:
+    """The checkpoint inside a model folder, the first of `names` present (safetensors first)."""
+    for name in names:
         if (folder / name).is_file():
             return folder / name
     found = sorted(p.name for p in folder.iterdir())
     raise WeightsError(
-        f"{folder} holds none of {', '.join(WEIGHT_FILE_NAMES)} (found: {', '.join(found) or 'nothing'})"
+        f"{folder} holds none of {', '.join(names)} (found: {', '.join(found) or 'nothing'})"
     )
 
 
-def read_state_dict(path: Path) -> dict[str, Tensor]:
-    """Tensors of a .safetensors file, or of a pickled checkpoint read with weights_only (no code runs)."""
+def _read_safetensors(path: Path, prefix: str | None) -> dict[str, Tensor]:
+    if prefix is None:
+        return load_file(str(path), device="cpu")
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt", device="cpu") as f:  # only the wanted tensors are read
+        keys = list(f.keys())
+        if not any(k.startswith(prefix) for k in keys):
+            return {k: f.get_tensor(k) for k in keys}
+        return {k: f.get_tensor(k) for k in keys if k.startswith(prefix)}
+
+
+def read_state_dict(path: Path, prefix: str | None = None) -> dict[str, Tensor]:
+    """Tensors of a .safetensors file, or of a pickled checkpoint read with weights_only (no code runs).
+
+    With `prefix`, a checkpoint holding keys under it (e.g. an open_clip model's "visual.") gives
+    only those, still prefixed; one without any such key is returned whole.
+    """
     path = Path(path)
     if path.suffix == ".safetensors":
-        state = load_file(str(path), device="cpu")
+        state = _read_safetensors(path, prefix)
     elif path.suffix in PICKLE_SUFFIXES:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
@@ -136,6 +153,8 @@ def read_state_dict(path: Path) -> dict[str, Tensor]:
             state = state[key]
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
         raise WeightsError(f"{path} is not a state dict of tensors")
+    if prefix is not None and any(k.startswith(prefix) for k in state):
+        state = {k: v for k, v in state.items() if k.startswith(prefix)}
     return state
 
 

@@ -25,6 +25,8 @@ class SplitFeatures:
     # backbone name -> (N, 4, D) float16 features of the left-right mirrored views, same slots as
     # `features` (no East/West swap); only for stores extracted with --flip.
     flipped: dict[str, np.ndarray] = field(default_factory=dict)
+    # the store datasets `features` holds, concatenated in this order (read_split(datasets=...))
+    datasets: tuple[str, ...] = ("features",)
 
     def __post_init__(self) -> None:
         n = len(self.sample_id)
@@ -58,4 +60,5 @@ class SplitFeatures:
             dataset_fingerprint=self.dataset_fingerprint,
             backbone_fingerprints=dict(self.backbone_fingerprints),
             flipped={k: v[rows] for k, v in self.flipped.items()},
+            datasets=self.datasets,
         )

@@ -14,7 +14,17 @@ from ..competition import VIEWS
 from ..errors import GeoscoutError
 from .features import SplitFeatures
 from .h5 import open_h5
-from .layout import FLIP_DATASET, MANIFEST, SCHEMA_VERSION, features_path, samples_path
+from .layout import (
+    FEATURES_DATASET,
+    FLIP_DATASET,
+    LAYER_DATASETS,
+    MANIFEST,
+    NOT_FEATURES,
+    SCHEMA_VERSION,
+    backbone_from_key,
+    features_path,
+    samples_path,
+)
 
 
 class StoreError(GeoscoutError, ValueError):
@@ -29,8 +39,9 @@ def read_manifest(store_dir: Path) -> dict:
 
 
 def available_backbones(store_dir: Path, split: str) -> list[str]:
+    """Canonical names of the backbones with a sealed file for `split`."""
     prefix = f"{split}."
-    return sorted(p.name[len(prefix):-3] for p in Path(store_dir).glob(f"{split}.*.h5"))
+    return sorted(backbone_from_key(p.name[len(prefix):-3]) for p in Path(store_dir).glob(f"{split}.*.h5"))
 
 
 def read_store_attrs(path: Path) -> dict:
@@ -89,23 +100,68 @@ def read_samples(store_dir: Path, split: str) -> pl.DataFrame:
     return pl.read_csv(path)
 
 
-def read_split(store_dir: Path, split: str, backbones: list[str]) -> SplitFeatures:
-    """Features of `split` for every named backbone, aligned row by row with the sample table.
+def _missing_datasets(f: h5py.File, name: str, missing: list[str]) -> StoreError:
+    have = sorted(k for k in f if k not in NOT_FEATURES)
+    hints = []
+    if any(d in LAYER_DATASETS for d in missing):
+        hints.append("extract with --layers K to store the class tokens of the last K blocks ('layers') "
+                     "and the mean of the final patch tokens ('patch_mean')")
+    if FLIP_DATASET in missing:
+        hints.append(f"extract with --flip to store {FLIP_DATASET!r}")
+    return StoreError(
+        f"{f.filename}: backbone {name!r} has no {', '.join(repr(d) for d in missing)} dataset "
+        f"(it has: {', '.join(have)})" + ("; " + "; ".join(hints) if hints else "")
+    )
 
+
+def _read_datasets(f: h5py.File, name: str, datasets: tuple[str, ...]) -> np.ndarray:
+    """The chosen datasets of one store file, concatenated along the last axis (float16)."""
+    missing = [d for d in datasets if d not in f]
+    if missing:
+        raise _missing_datasets(f, name, missing)
+    n = f["mask"].shape[0]
+    widths = [f[d].shape[-1] for d in datasets]
+    out = np.empty((n, len(VIEWS), sum(widths)), dtype=np.float16)  # filled in place: no second copy
+    start = 0
+    for d, width in zip(datasets, widths):
+        if f[d].shape != (n, len(VIEWS), width) or f[d].dtype != np.float16:
+            raise StoreError(f"{f.filename}: dataset {d!r} is {f[d].dtype} {f[d].shape}, not per-view float16 vectors")
+        if n and width:
+            f[d].read_direct(out, dest_sel=np.s_[..., start:start + width])
+        start += width
+    return out
+
+
+def read_split(
+    store_dir: Path, split: str, backbones: list[str], datasets: tuple[str, ...] | list[str] = (FEATURES_DATASET,)
+) -> SplitFeatures:
+    """Per-view vectors of `split` for every named (canonical) backbone, aligned row by row with the sample table.
+
+    `datasets` chooses what each backbone's vectors are: the named datasets of its store file
+    (docs/store.md: "features", "projected", "layers", "patch_mean", ...) concatenated along the last
+    axis, in the order given. A dataset a file lacks is an error that says how to extract it.
+    `flipped` is filled only for plain "features" (the mirrored views are stored for those alone).
     Stores of other data, of another row order, or of mixed datasets are refused.
     """
     store_dir = Path(store_dir)
     manifest = read_manifest(store_dir)
     if not backbones:
         raise StoreError("no backbone named")
+    datasets = tuple(datasets)
+    if not datasets:
+        raise StoreError("no dataset named")
+    not_vectors = [d for d in datasets if d in NOT_FEATURES]
+    if not_vectors or len(set(datasets)) != len(datasets):
+        raise StoreError(f"datasets {list(datasets)}: each may be named once, "
+                         f"and {', '.join(NOT_FEATURES)} are not per-view vectors")
     table = read_samples(store_dir, split)
     sample_id = table["sample_id"].to_numpy().astype(np.int64)
     features, masks, fingerprints, flipped = {}, {}, {}, {}
     for name in backbones:
         with open_checked(store_dir, split, name, manifest=manifest, sample_id=sample_id) as f:
-            features[name], masks[name] = _read_contiguous(f["features"]), _read_contiguous(f["mask"])
+            features[name], masks[name] = _read_datasets(f, name, datasets), _read_contiguous(f["mask"])
             fingerprints[name] = str(f.attrs["backbone_fingerprint"])
-            if FLIP_DATASET in f:
+            if datasets == (FEATURES_DATASET,) and FLIP_DATASET in f:
                 flipped[name] = _read_contiguous(f[FLIP_DATASET])
     labelled = table["class_id"].null_count() == 0
     return SplitFeatures(
@@ -119,4 +175,5 @@ def read_split(store_dir: Path, split: str, backbones: list[str]) -> SplitFeatur
         dataset_fingerprint=manifest["dataset_fingerprint"],
         backbone_fingerprints=fingerprints,
         flipped=flipped,
+        datasets=datasets,
     )

@@ -206,6 +206,9 @@ def mismatch(path: Path, identity: StoreIdentity) -> str:
     if str(attrs.get("split_fingerprint")) != identity.split_fingerprint:
         return "holds other rows"
     if str(attrs.get("backbone_fingerprint")) != identity.backbone_fingerprint:
+        layers = json.loads(attrs.get("backbone_spec") or "{}").get("layers", 0)
+        if layers != identity.spec.get("layers", 0):
+            return f"was extracted with --layers {layers}, not {identity.spec.get('layers', 0)}"
         return "was made with other weights, preprocessing or precision"
     with open_h5(path, "r") as f:
         missing = sorted(set(identity.dims) - set(f))
