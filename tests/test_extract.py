@@ -1,5 +1,6 @@
 """Extraction into the store: layout, resume after SIGKILL, conflicts, bad images, torchrun."""
 
+import json
 import os
 import shutil
 import signal
@@ -268,6 +269,26 @@ def test_a_store_is_never_completed_or_reused_at_another_precision(synth_master,
     run_extract(synth_master, store, precision="fp32", overwrite=True, **one)
     with h5py.File(store / f"test.{name}.h5", "r") as f, h5py.File(reference_store / f"test.{name}.h5", "r") as ref:
         assert f.attrs["precision"] == "fp32"
+        np.testing.assert_array_equal(f["features"][()], ref["features"][()])
+
+
+def test_shards_of_another_device_are_never_mixed_in(synth_master, reference_store, tmp_path, monkeypatch):
+    """A run resumed on another kind of device (a GPU's shards, a CPU rerun) starts the store again:
+    the two compute the same precision with different last bits."""
+    name = "tiny-clip-random"
+    one = dict(backbones=[name], splits=("test",))
+    store = tmp_path / "store"
+    monkeypatch.setattr(ShardedWriter, "seal", _stop_before_sealing)
+    with pytest.raises(RuntimeError, match="before sealing"):
+        run_extract(synth_master, store, **one)
+    monkeypatch.undo()
+    run_file = store / ".shards" / f"test.{name}" / "identity.json"
+    record = json.loads(run_file.read_text())
+    assert record["device"] == "cpu"
+    run_file.write_text(json.dumps({**record, "device": "cuda"}, sort_keys=True))  # as a GPU run leaves it
+    with pytest.warns(GeoscoutWarning, match="discarding 3 shard.*computed on cuda, this run is on cpu"):
+        run_extract(synth_master, store, **one)
+    with h5py.File(store / f"test.{name}.h5", "r") as f, h5py.File(reference_store / f"test.{name}.h5", "r") as ref:
         np.testing.assert_array_equal(f["features"][()], ref["features"][()])
 
 

@@ -200,7 +200,7 @@ def _identity(loaded: LoadedBackbone, name: str, table: SplitTable, competition:
 
 
 def _plan(store_dir: Path, competition: Competition, splits: tuple[str, ...], loaded: dict[str, LoadedBackbone], *,
-          flip: bool, shard_size: int, precision: str, overwrite: bool) -> list[dict]:
+          flip: bool, shard_size: int, precision: str, overwrite: bool, device: str) -> list[dict]:
     """Rank 0's decision, shared with every rank: per split, which stores are complete, which are
     to be written (their identities) and which shards are still to compute."""
     plan = []
@@ -220,7 +220,7 @@ def _plan(store_dir: Path, competition: Competition, splits: tuple[str, ...], lo
                     f"{final} exists but {mismatch(final, identity)}; pass --overwrite to replace it, or use another store folder"
                 )
             writer = ShardedWriter(store_dir, identity)
-            writer.prepare()
+            writer.prepare(device)
             writers.append(writer)
             entry["identities"][name] = asdict(identity)
         if writers:
@@ -362,7 +362,8 @@ def _extract(ranks: Ranks, data_dir: Path, store_dir: Path, *, backbones, weight
         for name in backbones
     })
     plan = ranks.broadcast("plan the shards", lambda: _plan(
-        store_dir, competition, splits, loaded, flip=flip, shard_size=shard_size, precision=precision, overwrite=overwrite))
+        store_dir, competition, splits, loaded, flip=flip, shard_size=shard_size, precision=precision, overwrite=overwrite,
+        device=torch_device.type))
     # compiled once per backbone (not per split), for one batch shape: short batches are padded
     runners = {name: _compiled(b.embedder) if compiled else b.embedder for name, b in loaded.items()}
     result = ExtractResult(store_dir, device=str(torch_device), precision=precision, compiled=compiled, workers=loader.workers)

@@ -88,23 +88,29 @@ class ShardedWriter:
     def _shard_file(self, shard: int) -> Path:
         return self.dir / f"shard_{shard:06d}.npz"
 
-    def prepare(self) -> None:
-        """Start or resume: shards left by a run with another identity (precision included) are
-        stale and discarded, so a store is never completed with shards computed another way."""
+    def prepare(self, device: str = "cpu") -> None:
+        """Start or resume: shards left by a run with another identity (precision included) or on another
+        kind of device are stale and discarded, so a store is never completed with shards computed another
+        way (a GPU's and a CPU's numbers differ in the last bits even at one precision). A sealed store is
+        whole, so it serves any device."""
         run_file = self.dir / "identity.json"
-        wanted = json.dumps(asdict(self.identity), sort_keys=True)
+        wanted = json.dumps({**asdict(self.identity), "device": device}, sort_keys=True)
         if self.dir.exists() and (not run_file.exists() or run_file.read_text() != wanted):
-            self._discard_stale(run_file)
+            self._discard_stale(run_file, device)
         if not self.dir.exists():
             self.dir.mkdir(parents=True)
             atomic_write_text(run_file, wanted)
 
-    def _discard_stale(self, run_file: Path) -> None:
+    def _discard_stale(self, run_file: Path, device: str) -> None:
         done = len(list(self.dir.glob("shard_*.npz")))
         if done:
             old = json.loads(run_file.read_text()) if run_file.exists() else {}
-            why = (f"computed at precision {old.get('precision')}, this run asks for {self.identity.precision}"
-                   if old.get("precision", self.identity.precision) != self.identity.precision else "made with other settings")
+            if old.get("precision", self.identity.precision) != self.identity.precision:
+                why = f"computed at precision {old.get('precision')}, this run asks for {self.identity.precision}"
+            elif old.get("device", device) != device:
+                why = f"computed on {old.get('device')}, this run is on {device}"
+            else:
+                why = "made with other settings"
             warn(f"discarding {done} shard(s) of an unfinished {self.final.name} {why}; starting it again")
         shutil.rmtree(self.dir)
 
