@@ -26,6 +26,7 @@ from .heads.configio import config_to_dict
 from .heads.members import MemberSpec
 from .heads.presets import Recipe, recipe, with_changes
 from .stages import StoreData
+from .store.reader import StoreError
 
 TABLE_KEYS = ("score", "classification_score", "gps_score", "mean_km", "median_km")
 
@@ -51,6 +52,9 @@ VARIANTS = (
                                                                             decode={"candidates": (1,)})),
     Variant("default, fitted weights -> equal weights", lambda r: with_changes(
         r, "default, equal weights", ensemble={"weights": "fixed", "fixed_weights": (1.0,) * len(r.members)})),
+    # Only where the store was extracted with --layers K: DINOv2's linear-evaluation inputs.
+    Variant("default + multi-layer features", lambda r: with_changes(
+        r, "default + multi-layer features", inputs=("features", "layers", "patch_mean"))),
 )
 
 
@@ -65,6 +69,17 @@ def _member_dir(root: Path, spec: MemberSpec, folds: int) -> Path:
     return root / f"{spec.name}-{digest}"
 
 
+def _readable(data: StoreData, plan: Recipe, log: Callable[[str], None]) -> bool:
+    """Whether the store holds every dataset the recipe's members read (multi-layer ones need --layers)."""
+    for inputs in {m.config.inputs for m in plan.members}:
+        try:
+            data.split("train", inputs)
+        except StoreError:
+            log(f"{plan.name}: left out, the store has no {list(inputs)} (extract with --layers K)")
+            return False
+    return True
+
+
 def _summary(values: list[dict[str, float]]) -> dict[str, dict[str, float]]:
     return {k: {"mean": float(np.mean([v[k] for v in values])), "std": float(np.std([v[k] for v in values]))}
             for k in TABLE_KEYS}
@@ -77,7 +92,7 @@ def run_ablation(store_dir: Path, *, work_dir: Path, seeds: int = 3, device: str
     data = StoreData(store_dir, backbones)
     truth = data.test_truth()
     rows = []
-    plans = recipes(data.backbones)
+    plans = [p for p in recipes(data.backbones) if _readable(data, p, log)]
     for plan in plans:
         if not plan.members:
             raise ConfigError(f"recipe {plan.name!r} has no member")
@@ -87,17 +102,18 @@ def run_ablation(store_dir: Path, *, work_dir: Path, seeds: int = 3, device: str
             protocol = data.protocol(plan.folds, seed)
             dirs = {m.name: _member_dir(folder, m, plan.folds) for m in plan.members}
             todo = [m for m in plan.members if not (dirs[m.name] / "head.json").is_file()]
-            train_members(data.train, todo, protocol, {m.name: dirs[m.name] for m in todo}, device=device, seed=seed,
+            train_members(data.source("train"), todo, protocol, {m.name: dirs[m.name] for m in todo}, device=device, seed=seed,
                           progress=False)
             ensemble_dir = folder / f"ensemble-{hashlib.sha256(json.dumps(plan.key(), sort_keys=True).encode()).hexdigest()[:10]}"
             fitted = fit_ensemble(data.train, member_dirs=list(dirs.values()), protocol=protocol, out_dir=ensemble_dir,
                                   config=plan.ensemble, regressor_config=plan.regressor, device=device, seed=seed, progress=False)
             row = {"recipe": plan.name, "seed": seed, "weights": fitted.weights, "decode": fitted.decode,
                    "regressor": fitted.regressor,
-                   "validation": evaluate(data.train, protocol, ensemble_dir=ensemble_dir, device=device).metrics["ensemble"]}
+                   "validation": evaluate(data.source("train"), protocol, ensemble_dir=ensemble_dir,
+                                          device=device).metrics["ensemble"]}
             if truth is not None:
-                row["test"] = evaluate(data.train, protocol, ensemble_dir=ensemble_dir, device=device,
-                                       truth=(data.split("test"), *truth)).metrics["ensemble"]
+                row["test"] = evaluate(data.source("train"), protocol, ensemble_dir=ensemble_dir, device=device,
+                                       truth=(data.source("test"), *truth)).metrics["ensemble"]
             row["seconds"] = time.perf_counter() - started
             rows.append(row)
             shown = row.get("test", row["validation"])

@@ -62,7 +62,7 @@ class StoreData:
 
     store_dir: Path
     backbones: list[str] | None = None  # None: every backbone the store has
-    _splits: dict[str, SplitFeatures] = field(default_factory=dict)
+    _splits: dict[tuple[str, tuple[str, ...]], SplitFeatures] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.store_dir = Path(self.store_dir)
@@ -71,10 +71,16 @@ class StoreData:
             if not self.backbones:
                 raise MissingFileError(f"{self.store_dir} holds no training features; run `geoscout extract` first")
 
-    def split(self, name: str) -> SplitFeatures:
-        if name not in self._splits:
-            self._splits[name] = read_split(self.store_dir, name, self.backbones)
-        return self._splits[name]
+    def split(self, name: str, datasets: tuple[str, ...] = ("features",)) -> SplitFeatures:
+        """A split's features of the chosen store datasets (read once per split and datasets)."""
+        key = (name, tuple(datasets))
+        if key not in self._splits:
+            self._splits[key] = read_split(self.store_dir, name, self.backbones, datasets=tuple(datasets))
+        return self._splits[key]
+
+    def source(self, name: str):
+        """The split as a feature source: heads ask it for the datasets they read."""
+        return lambda datasets: self.split(name, datasets)
 
     @property
     def train(self) -> SplitFeatures:
@@ -119,8 +125,8 @@ def train_members_stage(data: StoreData, heads: HeadPaths, recipe: Recipe, *, na
         if unknown:
             raise ConfigError(f"no member {unknown} in preset {recipe.name!r}; its members: {[m.name for m in recipe.members]}")
     protocol = data.protocol(recipe.folds, seed)
-    return train_members(data.train, specs, protocol, {m.name: heads.member(m.name) for m in specs}, device=device,
-                         seed=seed, progress=progress)
+    return train_members(data.source("train"), specs, protocol, {m.name: heads.member(m.name) for m in specs},
+                         device=device, seed=seed, progress=progress)
 
 
 def fit_ensemble_stage(data: StoreData, heads: HeadPaths, recipe: Recipe, *, members: list[str] | None = None,
@@ -148,11 +154,12 @@ def evaluate_stage(data: StoreData, heads: HeadPaths, recipe: Recipe, *, device:
     _require_ensemble(heads)
     protocol = data.protocol(recipe.folds, seed)
     if split == "validation":
-        return evaluate(data.train, protocol, ensemble_dir=heads.ensemble, device=device)
+        return evaluate(data.source("train"), protocol, ensemble_dir=heads.ensemble, device=device)
     truth = data.test_truth()
     if truth is None:
         raise MissingFileError(f"the data folder has no {TEST_TRUTH_CSV}: test scores need the test truth")
-    return evaluate(data.train, protocol, ensemble_dir=heads.ensemble, device=device, truth=(data.split("test"), *truth))
+    return evaluate(data.source("train"), protocol, ensemble_dir=heads.ensemble, device=device,
+                    truth=(data.source("test"), *truth))
 
 
 def validation_predictions(data: StoreData, heads: HeadPaths, recipe: Recipe, *, device: str, seed: int = 0) -> pl.DataFrame:
@@ -160,7 +167,9 @@ def validation_predictions(data: StoreData, heads: HeadPaths, recipe: Recipe, *,
     _require_ensemble(heads)
     protocol = data.protocol(recipe.folds, seed)
     val = data.train.subset(protocol.val_rows)
-    pred = ensemble_outputs(val, heads.ensemble, device=device, gallery=data.train, fit_rows=protocol.folds.fit_rows).prediction
+    rows = protocol.val_rows
+    pred = ensemble_outputs(lambda datasets: data.split("train", datasets).subset(rows), heads.ensemble, device=device,
+                            gallery=data.train, fit_rows=protocol.folds.fit_rows).prediction
     top5 = class_ids_to_state_idx(pred.top5, val.classes)
     return pl.DataFrame({
         "sample_id": val.sample_id,
@@ -180,7 +189,8 @@ def predict_stage(data: StoreData, heads: HeadPaths, recipe: Recipe, out: Path, 
     _require_ensemble(heads)
     protocol = data.protocol(recipe.folds, seed)
     test = data.split("test")
-    pred = ensemble_outputs(test, heads.ensemble, device=device, gallery=data.train, fit_rows=protocol.folds.fit_rows).prediction
+    pred = ensemble_outputs(data.source("test"), heads.ensemble, device=device, gallery=data.train,
+                            fit_rows=protocol.folds.fit_rows).prediction
     top5 = class_ids_to_state_idx(pred.top5, test.classes)
     template_path = Path(template) if template else Path(read_manifest(data.store_dir)["data_dir"]) / TEST_CSV
     if not template_path.exists():

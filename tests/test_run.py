@@ -183,3 +183,22 @@ def test_editing_a_recipe_retrains_what_it_changed(synth_run, reference_run, tmp
     again = run_pipeline(RunConfig.from_toml(work / "config.toml"), progress=False, log=lambda _: None)
     assert set(again.ran) == {"default.classifier-tiny-clip-random", "default.classifier-tiny-convnext-random",
                               "default.ensemble"}
+
+
+def test_run_with_three_backbones_one_from_a_weights_file_weighs_all_three(synth_run, tmp_path):
+    """`geoscout run DATA --backbones tiny-clip,tiny-convnext,timm:test_convnext --weights
+    timm:test_convnext=FILE.safetensors`: a valid submission from an ensemble whose weights cover them all."""
+    import timm
+    from safetensors.torch import save_file
+
+    data, _ = synth_run
+    weights = tmp_path / "test_convnext.safetensors"
+    save_file(timm.create_model("test_convnext", pretrained=False).state_dict(), str(weights))
+    work = tmp_path / "work"
+    invoke("run", data, "--work", work, "--backbones", "tiny-clip,tiny-convnext,timm:test_convnext",
+           "--weights", f"timm:test_convnext={weights}", "--device", "cpu", "--folds", "3")
+    record = json.loads((work / "heads" / "default" / "ensemble" / "ensemble.json").read_text())
+    backbones = {b for m in record["members"] for b in m["backbones"]}
+    assert backbones == {"tiny-clip-random", "tiny-convnext-random", "timm:test_convnext"}
+    assert len(record["members"]) == 4 and sum(m["weight"] for m in record["members"]) == pytest.approx(1.0)
+    assert score(data / "test_ground_truth.csv", work / "submission.csv")["n"] == 40

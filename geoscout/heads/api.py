@@ -36,7 +36,7 @@ from .decode import decode
 from .ensemble import EnsembleConfig, fine_cells, fit_temperature, fit_weights, joint_cell_logits, pool, state_log_probs
 from .folds import Folds, make_folds
 from .geocells import Geocells
-from .inputs import row_statistics, view_means, views_of
+from .inputs import FeatureSource, row_statistics, view_means, views_of, with_inputs
 from .members import (
     LoadedMember,
     MemberResult,
@@ -77,9 +77,10 @@ def make_protocol(train: SplitFeatures, val_mask: np.ndarray, *, folds: int, see
                     validation_digest(train.sample_id[val_rows]))
 
 
-def train_members(train: SplitFeatures, specs: list[MemberSpec], protocol: Protocol, out_dirs: dict[str, Path], *,
+def train_members(train: FeatureSource, specs: list[MemberSpec], protocol: Protocol, out_dirs: dict[str, Path], *,
                   device: str = "auto", seed: int = 0, progress: bool = True) -> list[MemberResult]:
-    """Cross-fit each member into its folder (written whole: NAME.tmp renamed into place)."""
+    """Cross-fit each member into its folder (written whole: NAME.tmp renamed into place). `train` is the
+    training split, or a function giving it for the store datasets a member reads."""
     dev = resolve_device(device)
     results = []
     for spec in specs:
@@ -261,11 +262,13 @@ def _fit_pool(oof: list[np.ndarray], members: _Members, config: EnsembleConfig, 
 
 
 def fit_ensemble(
-    train: SplitFeatures, *, member_dirs: list[Path], protocol: Protocol, out_dir: Path, config: EnsembleConfig,
+    train: FeatureSource, *, member_dirs: list[Path], protocol: Protocol, out_dir: Path, config: EnsembleConfig,
     regressor_config: RegressorConfig, device: str = "auto", seed: int = 0, progress: bool = True,
 ) -> EnsembleResult:
     """Fit temperatures and weights, the regressor and the decoding choices on out-of-fold outputs, and
-    write the ensemble folder (ensemble.json, regressor/, retrieval.npz), whole."""
+    write the ensemble folder (ensemble.json, regressor/, retrieval.npz), whole. Only the training split's
+    plain "features" are read (the regressor's and retrieval's inputs); members bring their OOF outputs."""
+    train = with_inputs(train, ("features",))
     started = time.perf_counter()
     dev = resolve_device(device)
     members = _load_members(member_dirs)
@@ -394,10 +397,13 @@ class EnsembleOutputs:
     member_outputs: dict[str, np.ndarray]  # member name -> (N, K_m) logits
 
 
-def ensemble_outputs(features: SplitFeatures, ensemble_dir: Path, *, device: str = "auto",
+def ensemble_outputs(source: FeatureSource, ensemble_dir: Path, *, device: str = "auto",
                      gallery: SplitFeatures | None = None, fit_rows: np.ndarray | None = None) -> EnsembleOutputs:
-    """The ensemble's answer for every row of `features`. Retrieval needs `gallery` (the labelled training
-    split) and `fit_rows` (its rows the ensemble was fitted on: the gallery), see `needs_gallery`."""
+    """The ensemble's answer for every row of the source's features (a SplitFeatures of "features", or a
+    function giving one per tuple of store datasets, for members that read others). Retrieval needs
+    `gallery` (the labelled training split) and `fit_rows` (its rows the ensemble was fitted on), see
+    `needs_gallery`."""
+    features = with_inputs(source, ("features",))  # the regressor and retrieval read the plain features
     dev = resolve_device(device)
     ensemble_dir = Path(ensemble_dir)
     record = read_ensemble(ensemble_dir)
@@ -406,7 +412,7 @@ def ensemble_outputs(features: SplitFeatures, ensemble_dir: Path, *, device: str
     for entry, member in zip(record["members"], members.loaded):
         if weights_sha256(member.head_dir) != entry["weights_sha256"]:
             raise CheckpointError(f"{member.head_dir} changed since the ensemble in {ensemble_dir} was fitted: fit it again")
-    outputs = [member_logits(m, features, device=dev, flip_tta=record["flip_tta"]) for m in members.loaded]
+    outputs = [member_logits(m, source, device=dev, flip_tta=record["flip_tta"]) for m in members.loaded]
     weights = np.array([m["weight"] for m in record["members"]])
     temperatures = [m["temperature"] for m in record["members"]]
     joint = _combine(outputs, members, weights, temperatures)
@@ -439,7 +445,7 @@ def ensemble_outputs(features: SplitFeatures, ensemble_dir: Path, *, device: str
     return EnsembleOutputs(prediction, joint, members.geocells, dict(zip(members.names, outputs)))
 
 
-def predict(features: SplitFeatures, ensemble_dir: Path, *, device: str = "auto", gallery: SplitFeatures | None = None,
+def predict(features: FeatureSource, ensemble_dir: Path, *, device: str = "auto", gallery: SplitFeatures | None = None,
             fit_rows: np.ndarray | None = None) -> Prediction:
     """(top-5 class ids, lat, lon) per row. Class ids index `features.classes` (map them to state_idx for a submission)."""
     return ensemble_outputs(features, ensemble_dir, device=device, gallery=gallery, fit_rows=fit_rows).prediction
@@ -473,18 +479,23 @@ def baseline_prediction(train: SplitFeatures, rows: np.ndarray, n: int) -> Predi
     return Prediction(top5, np.full(n, lat), np.full(n, lon))
 
 
-def evaluate(train: SplitFeatures, protocol: Protocol, *, ensemble_dir: Path, device: str = "auto",
-             truth: tuple[SplitFeatures, np.ndarray, np.ndarray] | None = None) -> EvaluationResult:
+def evaluate(train: FeatureSource, protocol: Protocol, *, ensemble_dir: Path, device: str = "auto",
+             truth: tuple[FeatureSource, np.ndarray, np.ndarray] | None = None) -> EvaluationResult:
     """Every METRIC_KEYS value of the baseline, each member alone (its anchor cell's centroid) and the
     ensemble, on the validation rows; or, with `truth` = (features, class_id, latlon), on those rows."""
-    val = train.subset(protocol.val_rows) if truth is None else truth[0]
-    class_id, latlon = (val.class_id, val.latlon) if truth is None else (truth[1], truth[2])
+    plain = with_inputs(train, ("features",))
+    if truth is None:
+        rows = protocol.val_rows
+        source = (lambda datasets: with_inputs(train, datasets).subset(rows)) if callable(train) else plain.subset(rows)
+        class_id, latlon = plain.class_id[rows], plain.latlon[rows]
+    else:
+        source, class_id, latlon = truth
     record = read_ensemble(ensemble_dir)
     if record["validation_digest"] != protocol.validation_digest:
         raise CheckpointError(f"{ensemble_dir} was fitted with another validation split than this run's")
     fit_rows = protocol.folds.fit_rows
-    outputs = ensemble_outputs(val, ensemble_dir, device=device, gallery=train, fit_rows=fit_rows)
-    metrics = {"baseline": _score(baseline_prediction(train, fit_rows, len(val)), class_id, latlon)}
+    outputs = ensemble_outputs(source, ensemble_dir, device=device, gallery=plain, fit_rows=fit_rows)
+    metrics = {"baseline": _score(baseline_prediction(plain, fit_rows, len(class_id)), class_id, latlon)}
     members = _load_members([Path(ensemble_dir) / m["dir"] for m in record["members"]])
     for member in members.loaded:
         metrics[member.card.name] = {k: v for k, v in member_metrics(

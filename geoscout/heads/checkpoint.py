@@ -60,6 +60,11 @@ class HeadCard:
     metrics: dict = field(default_factory=dict)
     format: str = CARD_FORMAT
 
+    @property
+    def inputs(self) -> tuple[str, ...]:
+        """The store datasets the head reads, side by side (a regressor reads "features")."""
+        return tuple(self.config.get("inputs", ("features",)))
+
     def geocells(self) -> Geocells:
         return Geocells(np.asarray(self.cell_class, dtype=np.int64), np.asarray(self.centroids, dtype=np.float64),
                         len(self.classes))
@@ -139,6 +144,9 @@ def check_features(card: HeadCard, features: SplitFeatures, head_dir: Path) -> N
     missing = [b for b in card.backbones if b not in features.features]
     if missing:
         raise CheckpointError(f"{head_dir} reads backbone(s) {missing}; these features have {sorted(features.features)}")
+    if tuple(features.datasets) != card.inputs:
+        raise CheckpointError(f"{head_dir} reads the store datasets {list(card.inputs)}; these features hold "
+                              f"{list(features.datasets)}")
     if features.dataset_fingerprint != card.dataset_fingerprint:
         raise CheckpointError(
             f"{head_dir} was trained on dataset {card.dataset_fingerprint!r}; these features are dataset "

@@ -8,6 +8,7 @@ trains poorly. Arrays stay fp16 in RAM; only batches become float32.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -19,6 +20,22 @@ from ..store.features import SplitFeatures
 
 STATS_BLOCK = 8192
 MIN_STD = 1e-6  # a constant dimension is divided by this instead of 0
+
+
+# Features of one split, or a function giving them for a tuple of store datasets (heads may read
+# datasets other than "features", e.g. the multi-layer "layers" and "patch_mean" of extract --layers K).
+FeatureSource = SplitFeatures | Callable[[tuple[str, ...]], SplitFeatures]
+
+
+def with_inputs(source: FeatureSource, inputs: tuple[str, ...] | list[str]) -> SplitFeatures:
+    """The features holding exactly the datasets `inputs`, side by side, from a source."""
+    inputs = tuple(inputs)
+    if isinstance(source, SplitFeatures):
+        if tuple(source.datasets) != inputs:
+            raise ConfigError(f"these features hold the store datasets {list(source.datasets)}; the head reads "
+                              f"{list(inputs)} (read_split(..., datasets=...) loads them)")
+        return source
+    return source(inputs)
 
 
 @dataclass(frozen=True)

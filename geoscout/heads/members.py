@@ -20,12 +20,13 @@ from torch import nn
 from ..errors import ConfigError
 from ..metric import score_predictions
 from ..store.features import SplitFeatures
+from ..store.layout import store_key
 from .checkpoint import CheckpointError, HeadCard, check_features, load_weights, read_card, read_oof, save_head
 from .classifier import ClassifierObjective, ProbeObjective, probe_logits, scout_logits
 from .configio import config_from_dict, config_to_dict
 from .folds import Folds
 from .geocells import Geocells, make_geocells
-from .inputs import Views, flipped_views_of, row_statistics, view_means, view_statistics, views_of
+from .inputs import FeatureSource, Views, flipped_views_of, row_statistics, view_means, view_statistics, views_of, with_inputs
 from .models import ClassifierConfig, Probe, ProbeConfig, Scout
 from .training import fit, seeded, top5_from_logits
 from .tta import TTA_MODES, mirrored_views
@@ -51,7 +52,7 @@ class MemberSpec:
 
     @property
     def name(self) -> str:
-        return f"{self.kind}-{'+'.join(self.backbones)}" + (f"-{self.label}" if self.label else "")
+        return f"{self.kind}-{'+'.join(store_key(b) for b in self.backbones)}" + (f"-{self.label}" if self.label else "")
 
 
 @dataclass(frozen=True)
@@ -137,9 +138,10 @@ def _card(spec: MemberSpec, train: SplitFeatures, protocol: Protocol, geocells: 
     )
 
 
-def train_member(train: SplitFeatures, spec: MemberSpec, protocol: Protocol, out_dir: Path, *, device: torch.device,
+def train_member(source: FeatureSource, spec: MemberSpec, protocol: Protocol, out_dir: Path, *, device: torch.device,
                  seed: int = 0, progress: bool = True) -> MemberResult:
     """Cross-fit one member on the fit rows and write its folder (into an existing, fresh `out_dir`)."""
+    train = with_inputs(source, spec.config.inputs)
     if not train.labelled:
         raise ConfigError(f"split {train.split!r} has no labels; members train on the training split")
     started = time.perf_counter()
@@ -251,9 +253,10 @@ def _fold_mean(models: list[nn.Module], outputs: Callable[[nn.Module], np.ndarra
     return (total / len(models)).astype(np.float32)
 
 
-def member_logits(member: LoadedMember, features: SplitFeatures, *, device: torch.device, flip_tta: str = "none") -> np.ndarray:
-    """(N, K) logits of every row of `features`: the mean of the fold models; with flip TTA, the mean of
-    the plain and the mirrored views' logits (views moved to their mirrored slots, see tta.py)."""
+def member_logits(member: LoadedMember, source: FeatureSource, *, device: torch.device, flip_tta: str = "none") -> np.ndarray:
+    """(N, K) logits of every row of the source's features: the mean of the fold models; with flip TTA, the
+    mean of the plain and the mirrored views' logits (views moved to their mirrored slots, see tta.py)."""
+    features = with_inputs(source, member.card.inputs)
     check_features(member.card, features, member.head_dir)
     rows = np.arange(len(features))
     variants = [views_of(features, member.card.backbones)]

@@ -46,6 +46,9 @@ class ClassifierConfig:
     # teaches the classifier to confuse neighbouring states, which is 70% of the score.
     haversine_within_state: bool = True
     view_dropout: float = 0.0  # training augmentation: each view hidden with this probability
+    # The store datasets it reads, side by side: "features", and with `extract --layers K` also "layers"
+    # (the class token of each of the last K blocks) and "patch_mean" (DINOv2's linear-evaluation inputs).
+    inputs: tuple[str, ...] = ("features",)
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
@@ -56,6 +59,7 @@ class ProbeConfig:
     C = 1 / (l2 * rows)) is chosen among `l2` by the out-of-fold NLL of the training rows."""
 
     l2: tuple[float, ...] = (1e-4, 1e-3, 1e-2)
+    inputs: tuple[str, ...] = ("features",)  # the store datasets it reads (see ClassifierConfig.inputs)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=1e-2, weight_decay=0.0, batch_size=1024))
 
 

@@ -117,10 +117,13 @@ def recipe(name: str, backbones: list[str] | tuple[str, ...]) -> Recipe:
 
 def with_changes(base: Recipe, name: str, *, member: dict | None = None, ensemble: dict | None = None,
                  decode: dict | None = None, regressor: dict | None = None, folds: int | None = None,
-                 kinds: tuple[str, ...] | None = None) -> Recipe:
+                 kinds: tuple[str, ...] | None = None, inputs: tuple[str, ...] | None = None) -> Recipe:
     """A variant of a recipe (the ablation's): fields replaced in every classifier config, the ensemble,
-    its decoding or the regressor; `kinds` keeps only members of those kinds."""
+    its decoding or the regressor; `kinds` keeps only members of those kinds; `inputs` sets the store
+    datasets every member reads."""
     members = [m for m in base.members if kinds is None or m.kind in kinds]
+    if inputs is not None:
+        members = [dataclasses.replace(m, config=dataclasses.replace(m.config, inputs=tuple(inputs))) for m in members]
     if member:
         members = [dataclasses.replace(m, config=dataclasses.replace(m.config, **member)) if m.kind == "classifier" else m
                    for m in members]
