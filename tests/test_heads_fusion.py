@@ -121,7 +121,7 @@ def test_default_recipe_has_a_classifier_per_backbone_and_a_probe_on_all_of_them
     plan = recipe("default", ["a", "b", "c"])
     assert [m.name for m in plan.members] == ["classifier-a", "classifier-b", "classifier-c", "probe-a+b+c"]
     scout = Scout(plan.members[0].config, 1536, 300)
-    assert isinstance(scout.fusion, AttentionFusion) and scout.skip is not None
+    assert isinstance(scout.fusion, AttentionFusion) and scout.head[0].out_features == 512
     assert plan.ensemble.weights == "fit" and plan.folds == 5
 
 

@@ -58,7 +58,10 @@ def geometric_median(points: np.ndarray, weights: np.ndarray, *, iterations: int
     w = w / w.sum(axis=1, keepdims=True)
     x = _unit((w[..., None] * xyz).sum(axis=1), fallback=xyz[np.arange(len(w)), w.argmax(axis=1)])
     for _ in range(iterations):
-        sin = np.linalg.norm(np.cross(xyz, x[:, None, :]), axis=-1)
+        # sin of the angle from the chord c = |p - x| = 2 sin(angle / 2): exact for small angles too, and a
+        # third of the work of a cross product per candidate
+        chord2 = np.square(xyz - x[:, None, :]).sum(axis=-1)
+        sin = np.sqrt(np.maximum(chord2 * (1.0 - chord2 / 4.0), 0.0))
         pull = w / np.maximum(sin, MIN_ANGLE)
         moved = _unit((pull[..., None] * xyz).sum(axis=1), fallback=x)
         step = np.abs(moved - x).max()

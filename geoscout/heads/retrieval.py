@@ -22,7 +22,7 @@ from ..index import descriptor_center, has_views, knn_search, location_descripto
 from ..store.features import SplitFeatures
 from .folds import Folds
 
-PCA_SAMPLE = 16384  # gallery rows the principal directions are fitted on
+PCA_SAMPLE = 8192  # gallery rows the principal directions are fitted on
 
 
 class Neighbours(NamedTuple):
@@ -66,7 +66,7 @@ def fit_space(features: SplitFeatures, *, rows: np.ndarray, backbones: list[str]
         full = space.describe(features)[rows]
         full = full[has_views(full)]
         pick = np.sort(np.random.default_rng(seed).permutation(len(full))[:PCA_SAMPLE])
-        _, _, vt = randomized_svd(full[pick], n_components=dim, n_iter=4, random_state=seed)
+        _, _, vt = randomized_svd(full[pick], n_components=dim, n_iter=2, random_state=seed)
         space.basis = np.ascontiguousarray(vt.T, dtype=np.float32)
     return space
 
