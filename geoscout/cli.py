@@ -495,6 +495,65 @@ def run(
 
 
 @app.command()
+def locate(
+    images: Annotated[Optional[list[str]], typer.Argument(help="Four photos in the order north, east, south, west; '-' for a view there is no photo of (at least one is needed).", show_default=False)] = None,
+    work: Annotated[Path, typer.Option(help="The work folder of a finished `geoscout run` (its final preset answers).", show_default=False)] = ...,
+    csv: Annotated[Optional[Path], typer.Option(help="Batch mode: a CSV of locations with columns image_north, image_east, image_south, image_west (paths relative to --images-dir, or absolute; empty or '-' for a missing view; other columns, e.g. sample_id, are copied to the output). The competition's sample_submission.csv is one.")] = None,
+    images_dir: Annotated[Optional[Path], typer.Option(help="Batch mode: the folder the CSV's relative image paths start from, e.g. DATA/test_images for sample_submission.csv.", show_default="the CSV's folder")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Batch mode: the predictions CSV to write.", show_default="NAME.located.csv beside the --csv file")] = None,
+    top: Annotated[int, typer.Option(help="How many states to list (the first five are the submission's top-5).", min=1)] = 5,
+    neighbours: Annotated[int, typer.Option(help="Nearest training locations to list.", min=0)] = 5,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of the table.")] = False,
+    html: Annotated[Optional[Path], typer.Option("--html", help="Also write a one-page card: the photos, a map with the state borders, the top states, the neighbours.", show_default=False)] = None,
+    device: Annotated[Optional[str], typer.Option(help=f"Where the backbones and heads run: {DEVICE_HELP}.", show_default="the run's")] = None,
+    weights: Annotated[list[str], typer.Option(help="BACKBONE=PATH (repeat): where the run's weights are now, when not at the path its config.toml names. Checked like those: weights other than the run's are refused.")] = [],
+) -> None:
+    """Where are these photos? The run's final model on four new images (or on every row of --csv).
+
+    Prints the top states with their probabilities (names and the competition's state_idx), the
+    latitude and longitude, the radius in km holding 50% and 90% of the model's probability, and
+    the nearest training locations. The radius is the smallest circle around the answer whose
+    geocells (the ensemble's cells, each counted at its centroid) hold that share of the ensemble's
+    probability. Neighbours are the training locations whose mean embedded view (centred on the
+    training mean, every backbone of the model) has the highest cosine with this location's; their
+    km are from the answer.
+
+    The images are decoded, resized and embedded exactly as the run's store was: same backbones,
+    weights, precision and preprocessing. Each backbone is loaded once and fingerprinted as the
+    store fingerprints it; weights (or preprocessing) other than the store's are refused, naming
+    the backbone and both fingerprints. A test location's four files give its submission row.
+    """
+    from .locate import locate as locate_one
+    from .locate import locate_csv
+
+    if (csv is None) == (not images):
+        raise typer.BadParameter("give four images (north east south west) or --csv FILE, not both")
+    if csv is not None and (html is not None or as_json):
+        raise typer.BadParameter("--html and --json describe one location; with --csv the predictions go to --out")
+    if csv is None and (out is not None or images_dir is not None):
+        raise typer.BadParameter("--out and --images-dir are for --csv; one location prints its answer (--json, --html)")
+    with _expected_failures():
+        named = _parse_weights(weights)
+        if csv is not None:
+            path, frame = locate_csv(work, csv, out, images_dir=images_dir, top=top, device=device, weights=named)
+            typer.echo(f"wrote {path} ({frame.height} locations)")
+            return
+        found = locate_one(work, images, top=top, neighbours=neighbours, device=device, weights=named)
+        if html is not None:
+            from .card import write_card
+
+            written = write_card(found, html)
+    if as_json:
+        typer.echo(json.dumps(found.to_json(), indent=2))
+    else:
+        model = found.model
+        typer.echo(f"geoscout locate: {model['work_dir']}, preset {model['preset']}, backbones {', '.join(model['backbones'])}")
+        typer.echo(found.table())
+    if html is not None:
+        typer.echo(f"wrote {written}", err=as_json)
+
+
+@app.command()
 def demo(
     work: Annotated[Path, typer.Option(help="Work folder for the demo.")] = Path("demo-work"),
     train: Annotated[int, typer.Option(help="Synthetic training locations.")] = 600,

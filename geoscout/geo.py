@@ -54,3 +54,12 @@ def spherical_mean(lat, lon, weights=None) -> tuple[float, float]:
         raise ValueError("points are spread evenly over the sphere: their mean is undefined")
     lat_c, lon_c = xyz_to_latlon(mean / norm)
     return float(lat_c), float(lon_c)
+
+
+def circle_latlon(lat: float, lon: float, radius_km: float, points: int = 180) -> tuple[np.ndarray, np.ndarray]:
+    """(lats, lons) in degrees of the closed great-circle ring of `radius_km` around a point (for maps)."""
+    bearing = np.linspace(0.0, 2 * np.pi, points + 1)
+    lat0, lon0, angle = np.radians(lat), np.radians(lon), radius_km / EARTH_RADIUS_KM
+    lat1 = np.arcsin(np.sin(lat0) * np.cos(angle) + np.cos(lat0) * np.sin(angle) * np.cos(bearing))
+    lon1 = lon0 + np.arctan2(np.sin(bearing) * np.sin(angle) * np.cos(lat0), np.cos(angle) - np.sin(lat0) * np.sin(lat1))
+    return np.degrees(lat1), np.degrees(lon1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -16,9 +17,14 @@ class ImageError(GeoscoutError, ValueError):
 
 def _open(path: Path) -> Image.Image:
     try:
-        size = path.stat().st_size
+        info = path.stat()
     except FileNotFoundError:
         raise ImageError("image file not found") from None
+    except OSError as exc:  # e.g. a path through a file, or no permission
+        raise ImageError(f"cannot read the image file: {exc.strerror or exc}") from None
+    if stat.S_ISDIR(info.st_mode):
+        raise ImageError("is a directory, not an image file")
+    size = info.st_size
     if size == 0:
         raise ImageError("image file is empty (0 bytes)")
     try:

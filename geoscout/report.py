@@ -17,13 +17,9 @@ global backend is touched), which the section then saves; tests inspect the figu
 
 from __future__ import annotations
 
-import base64
-import colorsys
 import html
-import io
 import json
 import math
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,22 +29,34 @@ from matplotlib.axes import Axes
 from matplotlib.collections import LineCollection
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
-from PIL import Image, ImageDraw, ImageFont
 from sklearn.metrics import confusion_matrix
 
-from .borders import border_lines
 from .competition import IMAGE_COLUMNS, IMAGE_DIRS, TRAIN_CSV, VIEWS
-from .data import resolve_image
+from .drawing import (  # noqa: F401 (GID_BORDERS: re-exported for readers of the figures)
+    BORDER_STYLE,
+    GID_BORDERS,
+    INSETS,
+    LOWER48,
+    Frame,
+    data_uri,
+    draw_borders,
+    figure_png,
+    grey_tile,
+    in_frame,
+    new_figure,
+    read_tile,
+    set_lonlat_frame,
+    state_colour,
+    state_label,
+    tidy,
+    tile_strip,
+)
 from .errors import GeoscoutError, MissingFileError
-from .images import ImageError, decode_rgb
 from .metric import DISTANCE_THRESHOLDS_KM, METRIC_KEYS
-from .states import STATES
 
 REPORT_DIR = "report"
-DPI = 110
 WORST_COUNT = 8
 MAP_MAX_POINTS = 2000
-THUMB_PX = 128
 PRED_STATE_COLUMNS = tuple(f"pred_state_idx_{k}" for k in range(1, 6))
 VAL_COLUMNS = (
     "sample_id", "true_state_idx", "true_latitude", "true_longitude",
@@ -69,15 +77,10 @@ METRIC_FORMATS: dict[str, tuple[str, str, bool | None]] = {
     "n": ("n", "{:,.0f}", None),
 }
 assert tuple(METRIC_FORMATS) == METRIC_KEYS
-# Plain lon/lat frames (lon_min, lon_max, lat_min, lat_max): the lower 48, and insets for the rest.
-Frame = tuple[float, float, float, float]
-LOWER48: Frame = (-125.5, -66.0, 23.5, 50.0)
-INSETS: dict[str, Frame] = {"Alaska": (-170.0, -129.0, 51.0, 71.5), "Hawaii": (-160.5, -154.5, 18.5, 22.5)}
 # Inset rectangles in the main map's axes fraction: bottom left, over the Pacific and Mexico.
 INSET_BOXES = {"Alaska": (0.0, 0.0, 0.24, 0.27), "Hawaii": (0.25, 0.0, 0.13, 0.13)}
-BORDER_STYLE = {"colors": "0.62", "linewidths": 0.6, "zorder": 1.5}  # above the faint background, below the points
 # Artist ids: what a reader of a figure (the tests) looks up.
-GID_BORDERS, GID_TRUTH, GID_PRED, GID_ERRORS = "state-borders", "truth", "prediction", "error-lines"
+GID_TRUTH, GID_PRED, GID_ERRORS = "truth", "prediction", "error-lines"
 
 
 @dataclass(frozen=True)
@@ -195,27 +198,14 @@ def _read_train_samples(path: Path) -> pl.DataFrame | None:
 # ---------------------------------------------------------------- shared helpers
 
 
-def state_colour(state_idx: int) -> tuple[float, float, float]:
-    """A fixed colour per state_idx, the same in every plot: golden-ratio hue steps, three tones."""
-    hue = (state_idx * 0.618033988749895) % 1.0
-    saturation, value = ((0.80, 0.85), (0.55, 0.70), (0.95, 0.55))[state_idx % 3]
-    return colorsys.hsv_to_rgb(hue, saturation, value)
-
-
-def state_label(state_idx: int) -> str:
-    return STATES[state_idx] if 0 <= state_idx < len(STATES) else f"#{state_idx}"
-
-
 def save_plot(fig: Figure, out_dir: Path, name: str) -> Plot:
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=DPI, bbox_inches="tight", facecolor="white")
-    return save_png_bytes(buffer.getvalue(), out_dir, name)
+    return save_png_bytes(figure_png(fig), out_dir, name)
 
 
 def save_png_bytes(png: bytes, out_dir: Path, name: str) -> Plot:
     path = out_dir / name
     path.write_bytes(png)
-    return Plot(path, "data:image/png;base64," + base64.b64encode(png).decode("ascii"))
+    return Plot(path, data_uri(png))
 
 
 def img_tag(plot: Plot, alt: str) -> str:
@@ -228,17 +218,6 @@ def section(anchor: str, title: str, *body: str) -> str:
 
 def note(text: str) -> str:
     return f'<p class="note">{html.escape(text)}</p>'
-
-
-def new_figure(width: float, height: float) -> Figure:
-    fig = Figure(figsize=(width, height))
-    fig.set_layout_engine("constrained")
-    return fig
-
-
-def tidy(ax: Axes) -> None:
-    """No chart junk: drop the top and right frame lines."""
-    ax.spines[["top", "right"]].set_visible(False)
 
 
 def true_states(val: pl.DataFrame) -> np.ndarray:
@@ -363,25 +342,6 @@ def map_points(inputs: RunInputs) -> MapPoints:
     if val.height > MAP_MAX_POINTS:
         val = val.sample(n=MAP_MAX_POINTS, seed=0)
     return MapPoints(val, inputs.train)
-
-
-def in_frame(frame: Frame, lats: np.ndarray, lons: np.ndarray) -> np.ndarray:
-    lon0, lon1, lat0, lat1 = frame
-    return (lons >= lon0) & (lons <= lon1) & (lats >= lat0) & (lats <= lat1)
-
-
-def set_lonlat_frame(ax: Axes, frame: Frame) -> None:
-    """Plain lon/lat with aspect 1/cos(mid latitude): east-west distances look right near that latitude."""
-    lon0, lon1, lat0, lat1 = frame
-    ax.set_xlim(lon0, lon1)
-    ax.set_ylim(lat0, lat1)
-    ax.set_aspect(1.0 / math.cos(math.radians((lat0 + lat1) / 2)))
-
-
-def draw_borders(ax: Axes, scale: float = 1.0) -> None:
-    """The 50 states' outlines (US Census cartographic boundaries; see geoscout/borders.py)."""
-    style = {**BORDER_STYLE, "linewidths": BORDER_STYLE["linewidths"] * scale}
-    ax.add_collection(LineCollection(border_lines(), gid=GID_BORDERS, **style), autolim=False)
 
 
 def draw_training_background(ax: Axes, train: pl.DataFrame, marker_scale: float) -> None:
@@ -801,41 +761,10 @@ def train_images(run: dict) -> tuple[TrainImages | None, str | None]:
     return TrainImages(data_dir / IMAGE_DIRS["train"], names), None
 
 
-def read_tile(images_dir: Path, name: str) -> tuple[Image.Image | None, str | None]:
-    """One view as a THUMB_PX tile, or None and why not; never raises for a bad file.
-
-    resolve_image refuses names that escape the folder; decode_rgb turns PIL's OSError/SyntaxError/ValueError
-    into ImageError. A picture over PIL's pixel limit is not decoded: the limit's warning counts as the error.
-    """
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            pixels = decode_rgb(resolve_image(images_dir, name))
-    except ImageError as exc:
-        return None, str(exc)
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        return None, f"more pixels than PIL's decompression-bomb limit ({Image.MAX_IMAGE_PIXELS:,})"
-    return Image.fromarray(pixels).resize((THUMB_PX, THUMB_PX), Image.Resampling.BILINEAR), None
-
-
-def grey_tile() -> Image.Image:
-    tile = Image.new("RGB", (THUMB_PX, THUMB_PX), (200, 200, 200))
-    ImageDraw.Draw(tile).text((THUMB_PX // 2, THUMB_PX // 2), "not shown", fill=(90, 90, 90),
-                              font=ImageFont.load_default(size=14), anchor="mm")
-    return tile
-
-
 def thumbnail_strip(images_dir: Path, names: list[str]) -> tuple[bytes, list[str | None]]:
     """The four views side by side as one PNG, and per view why it is a grey tile (None: shown)."""
-    strip = Image.new("RGB", (THUMB_PX * len(names), THUMB_PX), "white")
-    problems = []
-    for i, name in enumerate(names):
-        tile, why = read_tile(images_dir, name)
-        strip.paste(tile if tile is not None else grey_tile(), (i * THUMB_PX, 0))
-        problems.append(why)
-    buffer = io.BytesIO()
-    strip.save(buffer, format="PNG", optimize=True)
-    return buffer.getvalue(), problems
+    tiles, problems = zip(*(read_tile(images_dir, name) for name in names))
+    return tile_strip([tile if tile is not None else grey_tile() for tile in tiles]), list(problems)
 
 
 def pair_frame(row: dict) -> Frame:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 from PIL import Image
@@ -13,6 +15,15 @@ from ..errors import ConfigError
 from ..images import ImageError, decode_rgb
 
 DECODE_SIZE = 256  # the competition's image size; other sizes are resized to it when decoded
+
+
+def decode_view(path: Path, size: int = DECODE_SIZE) -> np.ndarray:
+    """One view as the store sees it: (size, size, 3) uint8, resized with Pillow's bicubic when it is
+    not the competition's size. Every embedded view goes through here (extract, locate)."""
+    pixels = decode_rgb(path)
+    if pixels.shape[:2] != (size, size):
+        pixels = np.asarray(Image.fromarray(pixels).resize((size, size), Image.BICUBIC))
+    return pixels
 
 
 class ViewsDataset(Dataset):
@@ -34,11 +45,7 @@ class ViewsDataset(Dataset):
         return len(self.table)
 
     def _decode(self, row: int, view: int) -> np.ndarray:
-        path = resolve_image(self.table.images_dir, self.table.image_names[row, view])
-        pixels = decode_rgb(path)
-        if pixels.shape[:2] != (self.size, self.size):
-            pixels = np.asarray(Image.fromarray(pixels).resize((self.size, self.size), Image.BICUBIC))
-        return pixels
+        return decode_view(resolve_image(self.table.images_dir, self.table.image_names[row, view]), self.size)
 
     def __getitem__(self, row: int):
         images = np.zeros((len(VIEWS), self.size, self.size, 3), dtype=np.uint8)

@@ -163,6 +163,14 @@ def _embed(runners: dict, images: torch.Tensor, *, flip: bool, pad_to: int | Non
     return out
 
 
+def embed_batch(runners: dict, images: torch.Tensor, ok: torch.Tensor, rows: np.ndarray, table: SplitTable, *,
+                precision: str, flip: bool = False, pad_to: int | None = None) -> dict[str, dict[str, np.ndarray]]:
+    """What the store holds for a (B, 4, 3, S, S) uint8 batch of `table`'s `rows`: {backbone: {dataset: (B, 4, D)
+    float16}}, masked views zeroed, every value checked to be finite and to fit float16."""
+    outputs = _embed(runners, images, flip=flip, pad_to=pad_to)
+    return {name: _to_store(name, out, ok, rows, table, precision) for name, out in outputs.items()}
+
+
 def _to_store(name: str, outputs: dict[str, torch.Tensor], ok: torch.Tensor, rows: np.ndarray, table: SplitTable,
               precision: str) -> dict[str, np.ndarray]:
     """float16 arrays for the store, after checking every embedded view is finite and fits float16."""
@@ -184,17 +192,23 @@ def _to_store(name: str, outputs: dict[str, torch.Tensor], ok: torch.Tensor, row
     return arrays
 
 
-def _identity(loaded: LoadedBackbone, name: str, table: SplitTable, competition: Competition, *, flip: bool,
-              shard_size: int, precision: str) -> StoreIdentity:
+def backbone_identity(loaded: LoadedBackbone, precision: str) -> tuple[dict, dict, str]:
+    """(spec, preprocessing, backbone_fingerprint) as a store records them for this loaded backbone at `precision`."""
     spec = loaded.spec  # as loaded: a CLIP checkpoint's config decides its sizes
     spec_dict = json.loads(json.dumps(asdict(spec), default=str))
     preprocessing = {**preprocessing_record(spec), "decode_size": DECODE_SIZE}
-    dims = {**loaded.output_dims, **({FLIP_DATASET: spec.embed_dim} if flip else {})}
+    return spec_dict, preprocessing, backbone_fingerprint(spec_dict, loaded.weights_identity, preprocessing,
+                                                          precision=precision)
+
+
+def _identity(loaded: LoadedBackbone, name: str, table: SplitTable, competition: Competition, *, flip: bool,
+              shard_size: int, precision: str) -> StoreIdentity:
+    spec_dict, preprocessing, fingerprint = backbone_identity(loaded, precision)
+    dims = {**loaded.output_dims, **({FLIP_DATASET: loaded.spec.embed_dim} if flip else {})}
     return StoreIdentity(
         split=table.name, backbone=name, n_rows=len(table), split_fingerprint=table.fingerprint(),
-        dataset_fingerprint=competition.fingerprint(),
-        backbone_fingerprint=backbone_fingerprint(spec_dict, loaded.weights_identity, preprocessing, precision=precision),
-        spec=spec_dict, weights_identity=loaded.weights_identity, preprocessing=preprocessing,
+        dataset_fingerprint=competition.fingerprint(), backbone_fingerprint=fingerprint, spec=spec_dict,
+        weights_identity=loaded.weights_identity, preprocessing=preprocessing,
         classes=competition.classes.state_idx.tolist(), dims=dims, shard_size=shard_size, precision=precision,
     )
 
@@ -255,6 +269,12 @@ def _check_images(ranks: Ranks, competition: Competition, splits: tuple[str, ...
         raise InputError(problems, f"{competition.root} images")
     if problems:
         raise PeerFailed(f"stopped: {len(problems)} bad image(s), listed by the torchrun process of rank 0")
+
+
+def default_batch_size(device: torch.device) -> int:
+    """Views per forward pass when none is given."""
+    # on CPU, 32 views keep the float copy of a batch under glibc's 32 MB mmap threshold (BENCHMARKS.md)
+    return 256 if device.type == "cuda" else 32
 
 
 def _select_device(name: str, ranks: Ranks) -> torch.device:
@@ -329,8 +349,7 @@ def _extract(ranks: Ranks, data_dir: Path, store_dir: Path, *, backbones, weight
     torch_device = ranks.step("choose the device", lambda: _select_device(device, ranks))
     precision = resolve_precision(precision, torch_device)
     compiled = torch_device.type == "cuda" if compile is None else bool(compile)
-    # on CPU, 32 views keep the float copy of a batch under glibc's 32 MB mmap threshold (BENCHMARKS.md)
-    batch_size = batch_size or (256 if torch_device.type == "cuda" else 32)
+    batch_size = batch_size or default_batch_size(torch_device)
     locations_per_batch = max(1, batch_size // len(VIEWS))
     if workers < 0:
         workers = default_workers(ranks.local_world_size)
@@ -415,10 +434,9 @@ def _run_split(table, writers, shards, runners, device, *, ranks, locations_per_
             ranks.check(throttle=True)  # another rank's failure stops this one between batches
             if bad_images == "fail":
                 raise_bad_image(errors)
-            outputs = _embed(runners, images.to(device, non_blocking=True), flip=flip,
-                             pad_to=locations_per_batch if pad else None)
             rows = rows.numpy()
-            arrays = {name: _to_store(name, out, ok, rows, table, precision) for name, out in outputs.items()}
+            arrays = embed_batch(runners, images.to(device, non_blocking=True), ok, rows, table, precision=precision,
+                                 flip=flip, pad_to=locations_per_batch if pad else None)
             assembler.add(rows, arrays, ok.numpy(), errors)
             bar.update(len(rows) * len(VIEWS))
         assembler.wait()
