@@ -134,9 +134,9 @@ def run(cache: Path, *, regimes: list[str], sizes: list[str], seeds: list[int], 
             row = json.loads(line)
             done[(row["data"], row["recipe"], row["digest"])] = row
     rows = []
-    for name in regimes:
-        regime = REGIMES[name]
-        for size in sizes:
+    for size in sizes:  # every regime at the small size first: the table fills in the cheap cells first
+        for name in regimes:
+            regime = REGIMES[name]
             for seed in seeds:
                 store = dataset(cache, regime, size, seed, log)
                 wanted = [("probe", "sklearn-LogisticRegressionCV")] + [(p, recipe_digest(p)) for p in presets]

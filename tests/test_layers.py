@@ -14,10 +14,10 @@ PACKAGE = Path(__file__).resolve().parents[1] / "geoscout"
 # Higher number = higher layer. A module may import its own layer or lower ones only.
 LAYERS = {
     "cli": 5,
-    "run": 4, "stages": 4, "ablation": 4, "report": 4, "knn": 4, "doctor": 4, "locate": 4, "demo": 4,
+    "run": 4, "stages": 4, "ablation": 4, "report": 4, "card": 4, "knn": 4, "doctor": 4, "locate": 4,
     "extract": 3, "heads": 3,
     "store": 2, "index": 2,
-    "data": 1, "metric": 1, "synth": 1, "images": 1, "geo": 1, "borders": 1, "host": 1, "device": 1,
+    "data": 1, "metric": 1, "synth": 1, "images": 1, "geo": 1, "borders": 1, "drawing": 1, "host": 1, "device": 1,
     "testing": 2,  # test data (planted features) built as the store hands them to the heads
     "competition": 0, "csvio": 0, "errors": 0, "problems": 0, "atomic": 0, "states": 0,
 }
