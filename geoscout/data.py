@@ -46,9 +46,6 @@ class SplitTable:
     def __len__(self) -> int:
         return len(self.sample_id)
 
-    def image_path(self, row: int, view: int) -> Path:
-        return self.images_dir / self.image_names[row, view]
-
     def fingerprint(self) -> str:
         """Identity of the rows (ids, image names, labels, in order): features are keyed to it."""
         h = hashlib.sha256(f"{self.name}\n".encode())

@@ -31,7 +31,6 @@ from .geocells import Geocells
 CARD_FILE = "head.json"
 OOF_FILE = "oof.safetensors"
 CARD_FORMAT = "geoscout-head/2"  # 2: K fold models and out-of-fold outputs
-KINDS = ("classifier", "probe", "regressor")
 
 
 class CheckpointError(GeoscoutError, ValueError):
@@ -44,7 +43,7 @@ def fold_file(k: int) -> str:
 
 @dataclass
 class HeadCard:
-    kind: str  # one of KINDS
+    kind: str  # "classifier", "probe" or "regressor"
     name: str  # the folder name, e.g. "classifier-streetclip" or "probe-streetclip+convnextv2-large"
     backbones: list[str]  # whose features it reads, in order (side by side)
     config: dict

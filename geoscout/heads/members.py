@@ -73,12 +73,6 @@ class MemberResult:
     details: dict  # per fold: best step, steps run; for a probe, the OOF NLL of every l2 tried
 
 
-def state_logits(cell_logits: np.ndarray, geocells: Geocells) -> np.ndarray:
-    """(N, C) float64 log-probabilities of the states from (N, K) cell logits."""
-    z = geocells.class_logits(torch.as_tensor(cell_logits, dtype=torch.float64))
-    return torch.log_softmax(z, dim=1).numpy()
-
-
 def member_metrics(cell_logits: np.ndarray, geocells: Geocells, class_id: np.ndarray, latlon: np.ndarray) -> dict[str, float]:
     """The competition metrics with the anchor cell's centroid as the position, plus the state NLL."""
     z = torch.as_tensor(cell_logits, dtype=torch.float64)

@@ -16,7 +16,6 @@ import h5py
 
 from ..errors import GeoscoutError
 
-LOCKING_UNSUPPORTED = {errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP}
 LOCK_HELD = {errno.EAGAIN, errno.EWOULDBLOCK}
 _LOCK_ERROR = re.compile(r"unable to lock file, errno = (\d+)")
 
