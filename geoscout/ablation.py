@@ -58,9 +58,17 @@ VARIANTS = (
 )
 
 
-def recipes(backbones: list[str]) -> list[Recipe]:
+RECIPE_NAMES = ("seed", "default", *(v.name for v in VARIANTS))
+
+
+def recipes(backbones: list[str], only: list[str] | None = None) -> list[Recipe]:
+    """The seed recipe, the default and its variants; `only` keeps those names, in this order."""
+    unknown = sorted(set(only or ()) - set(RECIPE_NAMES))
+    if unknown:
+        raise ConfigError(f"unknown ablation recipe(s) {unknown}; the recipes are {list(RECIPE_NAMES)}")
     default = recipe("default", backbones)
-    return [recipe("seed", backbones), default, *(dataclasses.replace(v.make(default), name=v.name) for v in VARIANTS)]
+    every = [recipe("seed", backbones), default, *(dataclasses.replace(v.make(default), name=v.name) for v in VARIANTS)]
+    return [r for r in every if not only or r.name in only]
 
 
 def _member_dir(root: Path, spec: MemberSpec, folds: int) -> Path:
@@ -86,13 +94,14 @@ def _summary(values: list[dict[str, float]]) -> dict[str, dict[str, float]]:
 
 
 def run_ablation(store_dir: Path, *, work_dir: Path, seeds: int = 3, device: str = "cpu", backbones: list[str] | None = None,
-                 log: Callable[[str], None] = print) -> dict:
-    """Train and score every recipe for seeds 0..seeds-1; write WORK/eval/ablation.json and return it."""
+                 only: list[str] | None = None, log: Callable[[str], None] = print) -> dict:
+    """Train and score every recipe (or those named in `only`) for seeds 0..seeds-1; write
+    WORK/eval/ablation.json and return it."""
     store_dir, work_dir = Path(store_dir), Path(work_dir)
     data = StoreData(store_dir, backbones)
     truth = data.test_truth()
     rows = []
-    plans = [p for p in recipes(data.backbones) if _readable(data, p, log)]
+    plans = [p for p in recipes(data.backbones, only) if _readable(data, p, log)]
     for plan in plans:
         if not plan.members:
             raise ConfigError(f"recipe {plan.name!r} has no member")

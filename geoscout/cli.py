@@ -414,6 +414,7 @@ def ablate(
     work: Annotated[Path, typer.Option(help="Folder for the heads (WORK/ablation/) and the table (WORK/eval/ablation.json, shown by `geoscout report WORK`).")] = Path("ablation-work"),
     backbone: BackbonesOption = [],
     seeds: Annotated[int, typer.Option(help="Training seeds per recipe.", min=1)] = 3,
+    recipe: Annotated[list[str], typer.Option("--recipe", "-r", help="Only these recipes, by their names in the table (repeat), e.g. -r default -r 'default + multi-layer features'. Default: all.")] = [],
     device: DeviceOption = "auto",
     threads: Annotated[int, typer.Option(help="torch CPU threads (0: torch's default; 1 keeps timings steady on a busy machine).")] = 0,
 ) -> None:
@@ -432,7 +433,7 @@ def ablate(
         torch.set_num_threads(threads)
     with _expected_failures():
         result = run_ablation(store_dir, work_dir=work, seeds=seeds, device=device,
-                              backbones=[get_spec(b).name for b in backbone] or None)
+                              backbones=[get_spec(b).name for b in backbone] or None, only=recipe or None)
     for split in ("test", "validation"):
         if split in result["recipes"][0]:
             typer.echo(f"\n{split} ({result[f'n_{split}']} locations), mean ± std over {seeds} seed(s):")
