@@ -10,6 +10,7 @@ fail (`extract` or a later stage would fail), or info.
 from __future__ import annotations
 
 import importlib.metadata
+import logging
 import os
 import tempfile
 import time
@@ -96,6 +97,9 @@ def _torch(report: DoctorReport, device: torch.device, precision: str) -> None:
 def _compile(report: DoctorReport, device: torch.device) -> bool:
     default = device.type == "cuda"
     started = time.perf_counter()
+    # Importing inductor's C++ helpers logs "No CUDA runtime is found" where CUDA_HOME exists without a driver:
+    # this table says it in its own words (GPUs: none usable).
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     try:
         fn = torch.compile(lambda x: torch.nn.functional.gelu(x) * 2 + 1, dynamic=False)
         x = torch.randn(64, 64, device=device)
