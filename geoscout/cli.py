@@ -360,6 +360,7 @@ def ensemble(
         typer.echo(f"  {name:<40} weight {w:.3f}  temperature {t:.3f}  out-of-fold score {result.oof[name]['score']:.4f}")
     typer.echo(f"  regressor {'kept' if result.regressor else 'left out'}; decoding: {result.decode['candidates']} candidate "
                f"cell(s), retrieval share {result.decode['retrieval_weight']:g}")
+    typer.echo(f"  flip TTA: {result.flip_tta_note}")
 
 
 @app.command()

@@ -3,6 +3,7 @@ only, checkpoints, refusals, predictions."""
 
 import dataclasses
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -161,6 +162,9 @@ def test_the_weights_lie_on_the_simplex_and_are_recorded(run):
     assert all(m["temperature"] > 0 for m in record["members"])
     assert record["oof"]["score"] == pytest.approx(result.oof["ensemble"]["score"])
     assert {c["candidates"] for c in record["choices"]} == {1, 4}  # every decoding was tried out of fold
+    # these members have mirrored views: flip TTA was tried out of fold, and the note says how it went
+    assert record["flip_tta_note"] == ("'swap' kept: it wins out of fold" if record["flip_tta"] == "swap"
+                                       else "'swap' left out: it does not win out of fold")
 
 
 def test_evaluation_reports_every_member_and_the_ensemble_above_the_baseline(run):
@@ -207,14 +211,17 @@ def test_swap_tta_of_a_mirror_symmetric_world_is_a_no_op_out_of_fold(run, tmp_pa
     assert not np.allclose(member_oof(loaded, run["train"], run["protocol"].folds, "naive"), plain, atol=1e-3)
 
 
-def test_flip_tta_without_mirrored_views_is_left_out_with_a_warning(run, tmp_path):
+def test_flip_tta_without_mirrored_views_is_left_out_with_a_note(run, tmp_path):
     plain = dataclasses.replace(run["train"], flipped={})
     specs = [MemberSpec("classifier", ("tiny-clip",), classifier())]
     train_members(plain, specs, run["protocol"], {specs[0].name: tmp_path / "m"}, device="cpu", progress=False)
-    with pytest.warns(UserWarning, match="flip TTA"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the default asks for it where it can be had: no warning
         result = fit_ensemble(plain, member_dirs=[tmp_path / "m"], protocol=run["protocol"], out_dir=tmp_path / "e",
                               config=ENSEMBLE, regressor_config=REGRESSOR, device="cpu", progress=False)
-    assert json.loads((result.out_dir / "ensemble.json").read_text())["flip_tta"] == "none"
+    record = json.loads((result.out_dir / "ensemble.json").read_text())
+    assert record["flip_tta"] == result.flip_tta == "none"
+    assert "no mirrored views" in record["flip_tta_note"] == result.flip_tta_note
 
 
 @pytest.mark.parametrize("change, message", [

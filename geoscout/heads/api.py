@@ -25,7 +25,7 @@ import torch
 from ..atomic import atomic_dir, atomic_write_text
 from ..competition import NO_PREDICTION
 from ..device import resolve_device
-from ..errors import ConfigError, warn
+from ..errors import ConfigError
 from ..geo import spherical_mean
 from ..metric import METRIC_KEYS, score_predictions
 from ..store.features import SplitFeatures
@@ -105,6 +105,8 @@ class EnsembleResult:
     decode: dict  # the chosen candidates and retrieval share
     choices: list[dict]  # every decoding tried on OOF, with its metrics
     seconds: float
+    flip_tta: str = "none"  # the mirrored-view averaging used ("none" when left out)
+    flip_tta_note: str = ""  # why: kept, lost out of fold, or the store has no mirrored views
 
 
 @dataclass
@@ -278,15 +280,18 @@ def fit_ensemble(
         raise CheckpointError(f"{members.loaded[0].head_dir} was validated on other rows than this run's validation split")
     fit_class, fit_latlon = train.class_id[folds.fit_rows], train.latlon[folds.fit_rows]
     pooled = _fit_pool([member_oof(m, train, folds) for m in members.loaded], members, config, fit_class, fit_latlon)
-    flip_tta = "none"
+    flip_tta, flip_note = "none", "not asked for"
     if config.flip_tta != "none":
+        # The default asks for it where it can be had: a store without --flip is a plain note, not a warning.
         mirrored = [member_oof(m, train, folds, config.flip_tta) for m in members.loaded]
         if any(z is None for z in mirrored):
-            warn(f"flip TTA {config.flip_tta!r} is left out: the members have no mirrored views (extract with --flip)")
+            flip_note = "not available: the store has no mirrored views (extract with --flip)"
         else:
             with_tta = _fit_pool(mirrored, members, config, fit_class, fit_latlon)
             if with_tta.metrics["score"] > pooled.metrics["score"]:  # kept only where it wins out of fold
-                pooled, flip_tta = with_tta, config.flip_tta
+                pooled, flip_tta, flip_note = with_tta, config.flip_tta, f"{config.flip_tta!r} kept: it wins out of fold"
+            else:
+                flip_note = f"{config.flip_tta!r} left out: it does not win out of fold"
     weights, temperatures, joint, member_scores = pooled.weights, pooled.temperatures, pooled.joint, pooled.member_scores
     ensemble_metrics, fallback = pooled.metrics, pooled.fallback
 
@@ -344,6 +349,7 @@ def fit_ensemble(
             "fallback_to": fallback,
             "backbones": backbones,
             "flip_tta": flip_tta,
+            "flip_tta_note": flip_note,
             "regressor": chosen["regressor"],
             "decode": {"candidates": chosen["candidates"], "retrieval_weight": chosen["retrieval_weight"],
                        "retrieval_k": config.decode.retrieval_k, "similarity_temperature": config.decode.similarity_temperature},
@@ -360,7 +366,7 @@ def fit_ensemble(
         atomic_write_text(tmp / ENSEMBLE_FILE, json.dumps(record, indent=1) + "\n")
     oof_table = {**member_scores, "ensemble": ensemble_metrics}
     return EnsembleResult(out_dir, members.names, [float(w) for w in weights], temperatures, oof_table, chosen["regressor"],
-                          record["decode"], choices, time.perf_counter() - started)
+                          record["decode"], choices, time.perf_counter() - started, flip_tta, flip_note)
 
 
 # ------------------------------------------------------------------------------------------ predict
