@@ -695,6 +695,8 @@ def ensemble_note(ensemble: dict) -> str:
     if ensemble.get("retrieval_weight") is not None:
         texts.append(f"Retrieval share: {float(ensemble['retrieval_weight']):.2f} of the position belief goes to the "
                      "nearest training locations.")
+    if ensemble.get("flip_tta_note"):
+        texts.append(f"Flip test-time augmentation: {ensemble['flip_tta_note']}.")
     return " ".join(texts)
 
 

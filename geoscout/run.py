@@ -223,6 +223,7 @@ def ensemble_summary(ensemble_dir: Path) -> dict:
         "candidates": record["decode"]["candidates"],
         "fallback_to": record["fallback_to"],
         "folds": record["folds"],
+        "flip_tta_note": record.get("flip_tta_note"),  # absent from ensembles fitted before it was recorded
     }
 
 

@@ -111,7 +111,8 @@ def fake_ensemble(n_members: int = 3) -> dict:
     members = [fake_member(f"{kinds[i % 2]}-backbone{i}", kinds[i % 2], round(float(w), 4), 0.80 + 0.02 * i)
                for i, w in enumerate(weights)]
     return {"members": members, "oof": {"score": 0.93, "top1_accuracy": 0.85, "mean_km": 30.0, "nll": 0.3},
-            "regressor": True, "retrieval_weight": 0.25, "folds": 5}
+            "regressor": True, "retrieval_weight": 0.25, "folds": 5,
+            "flip_tta_note": "not available: the store has no mirrored views (extract with --flip)"}
 
 
 def write_work_dir(work: Path, data_dir: Path) -> Path:
@@ -419,6 +420,7 @@ def test_ensemble_section_lists_members_and_says_what_oof_means(full_report):
     text = full_report.read_text(encoding="utf-8")
     assert "slightly optimistic" in text and "touched by no choice" in text and "5-fold" in text
     assert "0.25 of the position belief" in text
+    assert "Flip test-time augmentation: not available: the store has no mirrored views" in text
 
 
 def test_without_ensemble_json_the_section_is_one_note(degraded_report):
