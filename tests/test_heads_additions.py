@@ -67,6 +67,19 @@ def test_the_median_beats_every_point_of_a_fine_grid():
     assert _objective((lat[0], lon[0]), points, weights) <= min(_objective(p, points, weights) for p in points)
 
 
+
+def test_each_row_of_a_batch_gets_the_median_it_gets_alone():
+    # rows settle after very different numbers of iterations (a heavy candidate is reached slowly); each
+    # row's answer must not depend on the others still iterating beside it
+    rng = np.random.default_rng(1)
+    points = np.stack([rng.uniform(30, 45, (40, 9)), rng.uniform(-120, -75, (40, 9))], axis=-1)
+    weights = rng.dirichlet(np.full(9, 0.3), 40)
+    weights[::3, 0] += 2.0
+    lat, lon = geometric_median(points, weights)
+    for i in range(len(points)):
+        alone = geometric_median(points[i:i + 1], weights[i:i + 1])
+        assert haversine_km(lat[i], lon[i], alone[0][0], alone[1][0]) < 1e-6
+
 # ------------------------------------------------------------------ haversine label smoothing
 
 

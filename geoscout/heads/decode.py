@@ -22,7 +22,7 @@ MEDIAN_ITERATIONS = 100
 # Weiszfeld divides by the distance to each candidate; this floor (radians, about 6 mm) keeps it finite
 # when the estimate sits on a candidate, which it then keeps (the median is at that candidate).
 MIN_ANGLE = 1e-9
-CONVERGED = 1e-10  # radians (about a millimetre): no row's estimate moves more, so every row has settled
+CONVERGED = 1e-10  # radians (about a millimetre): a row whose estimate moves less has settled
 
 # (cells (N, k), their probabilities (N, k)) -> (N, k, 2) candidate positions in degrees
 PointsFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
@@ -57,17 +57,24 @@ def geometric_median(points: np.ndarray, weights: np.ndarray, *, iterations: int
     w = np.asarray(weights, dtype=np.float64)
     w = w / w.sum(axis=1, keepdims=True)
     x = _unit((w[..., None] * xyz).sum(axis=1), fallback=xyz[np.arange(len(w)), w.argmax(axis=1)])
+    # Only the rows still moving iterate: Weiszfeld converges slowly near a candidate, so after 100
+    # iterations about a tenth of the rows still move while the rest settled long before (4x faster
+    # than iterating every row until the slowest settles; bench/decode.py).
+    active = np.arange(len(w))
+    p, wa, xa = xyz, w, x
     for _ in range(iterations):
         # sin of the angle from the chord c = |p - x| = 2 sin(angle / 2): exact for small angles too, and a
         # third of the work of a cross product per candidate
-        chord2 = np.square(xyz - x[:, None, :]).sum(axis=-1)
+        d = p - xa[:, None, :]
+        chord2 = np.einsum("nmk,nmk->nm", d, d)
         sin = np.sqrt(np.maximum(chord2 * (1.0 - chord2 / 4.0), 0.0))
-        pull = w / np.maximum(sin, MIN_ANGLE)
-        moved = _unit((pull[..., None] * xyz).sum(axis=1), fallback=x)
-        step = np.abs(moved - x).max()
-        x = moved
-        if step < CONVERGED:
+        pull = wa / np.maximum(sin, MIN_ANGLE)
+        moved = _unit(np.einsum("nm,nmk->nk", pull, p), fallback=xa)
+        moving = np.abs(moved - xa).max(axis=1) >= CONVERGED
+        x[active] = moved
+        if not moving.any():
             break
+        active, p, wa, xa = active[moving], p[moving], wa[moving], moved[moving]
     return xyz_to_latlon(x)
 
 
