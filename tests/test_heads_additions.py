@@ -186,6 +186,8 @@ def test_projected_search_keeps_the_neighbours():
     full = fit_space(train, rows=rows, backbones=["a", "b"], dim=0)
     projected = fit_space(train, rows=rows, backbones=["a", "b"], dim=32)
     assert projected.basis.shape == (224, 32)
+    # float32 throughout: at competition scale a float64 copy of the full-width descriptors is 1.4 GB
+    assert full.describe(train).dtype == projected.describe(train).dtype == np.float32
     queries = train.subset(np.arange(500, 600))
     found = [search(build_gallery(s.describe(train), train.latlon, train.class_id, rows), s.describe(queries), k=10)
              for s in (full, projected)]

@@ -11,6 +11,7 @@ only neighbours inside the cells it believes in.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -42,7 +43,8 @@ class SearchSpace:
 
     def describe(self, features: SplitFeatures) -> np.ndarray:
         parts = [location_descriptors(features.features[b], features.masks[b], center=self.centers[b]) for b in self.backbones]
-        full = np.concatenate(parts, axis=1) / np.sqrt(len(parts))
+        # a Python float keeps float32 (a numpy float64 scalar would double the array and the projection)
+        full = np.concatenate(parts, axis=1) / math.sqrt(len(parts))
         if self.basis is None:
             return full
         projected = full @ self.basis
