@@ -58,7 +58,7 @@ def geometric_median(points: np.ndarray, weights: np.ndarray, *, iterations: int
     w = w / w.sum(axis=1, keepdims=True)
     x = _unit((w[..., None] * xyz).sum(axis=1), fallback=xyz[np.arange(len(w)), w.argmax(axis=1)])
     # Only the rows still moving iterate: Weiszfeld converges slowly near a candidate, so after 100
-    # iterations about a tenth of the rows still move while the rest settled long before (4x faster
+    # iterations about a tenth of the rows still move while the rest settled long before (5x faster
     # than iterating every row until the slowest settles; bench/decode.py).
     active = np.arange(len(w))
     p, wa, xa = xyz, w, x
