@@ -76,13 +76,24 @@ def location_descriptors(
     for start in range(0, n, block_size):
         stop = min(start + block_size, n)
         acc, count = masked_view_mean(features, mask, start, stop)
+        out[start:stop] = unit_descriptors(acc, count > 0, center=center)
+    return out
+
+
+def unit_descriptors(means: np.ndarray, present: np.ndarray, *, center: np.ndarray | None = None,
+                     block_size: int = 4096) -> np.ndarray:
+    """(N, D) float32 descriptors from view means (N, D): minus `center`, L2-normalised; zero for rows
+    without a view (`present` False) or whose mean is the centre. In row blocks: whole-array
+    temporaries cost more in page faults than the arithmetic."""
+    out = np.empty(means.shape, dtype=np.float32)
+    for start in range(0, len(means), block_size):
+        block = out[start:start + block_size]
+        block[...] = means[start:start + block_size]
         if center is not None:
-            acc[count > 0] -= center
-        norms = np.linalg.norm(acc, axis=1)
-        ok = (count > 0) & (norms > 0)
-        acc[ok] /= norms[ok, None]
-        acc[~ok] = 0
-        out[start:stop] = acc
+            block -= center
+        block[~present[start:start + block_size]] = 0.0
+        norms = np.linalg.norm(block, axis=1, keepdims=True)
+        block /= np.where(norms > 0, norms, 1.0)
     return out
 
 

@@ -56,6 +56,16 @@ def test_a_candidate_holding_most_of_the_weight_is_the_median():
     assert haversine_km(lat[0], lon[0], 40.0, -100.0) < 0.01
 
 
+def test_a_candidate_that_is_the_median_without_half_the_weight_is_found_exactly():
+    # 0.4 of the weight, but the others pull in different directions (their pull is under 0.4): the median
+    # is that candidate, which plain Weiszfeld only creeps toward (6 cm away after 100 iterations)
+    points = np.array([[[40.0, -100.0], [42.0, -100.0], [39.0, -97.0], [38.5, -103.0]]])
+    weights = np.array([[0.4, 0.3, 0.2, 0.1]])
+    lat, lon = geometric_median(points, weights)
+    assert haversine_km(lat[0], lon[0], 40.0, -100.0) < 1e-6  # a millimetre
+    assert _objective((lat[0], lon[0]), points[0], weights[0]) <= _objective((40.001, -100.0), points[0], weights[0])
+
+
 def test_the_median_beats_every_point_of_a_fine_grid():
     rng = np.random.default_rng(0)
     points = np.stack([rng.uniform(30, 45, 7), rng.uniform(-120, -75, 7)], axis=1)

@@ -131,6 +131,23 @@ def test_sniper_starts_at_the_centroid():
     assert offset.abs().max() < 0.05  # degrees
 
 
+def test_sniper_candidates_share_the_descriptor_and_match_the_plain_layer():
+    """k candidate cells per location give what the first layer applied to [descriptor, cell part] gives."""
+    torch.manual_seed(0)
+    sniper = Sniper(recipe("default", ["a"]).regressor, 8, 5).eval()
+    nn.init.normal_(sniper.out.weight)  # away from the near-zero start, so a wrong part would show
+    descriptor, cells, confidence = torch.randn(3, 8), torch.randint(0, 5, (3, 4)), torch.rand(3, 4)
+    together = sniper(descriptor, cells, confidence)
+    assert together.shape == (3, 4, 2)
+    one_by_one = sniper(descriptor.repeat_interleave(4, dim=0), cells.reshape(-1), confidence.reshape(-1))
+    torch.testing.assert_close(together.reshape(-1, 2), one_by_one, rtol=1e-5, atol=1e-4)
+    first = sniper.body[0]
+    x = torch.cat([sniper.standardize(descriptor), sniper.cell_embedding(cells[:, 0]) * confidence[:, :1],
+                   confidence[:, :1]], dim=1)
+    reference = sniper.out(sniper.body[1:](first(x))) * sniper.offset_scale_deg
+    torch.testing.assert_close(together[:, 0], reference, rtol=1e-5, atol=1e-4)
+
+
 def test_width_must_divide_into_heads():
     with pytest.raises(ValueError, match="divisible"):
         TransformerFusion(FusionConfig(width=10, heads=4), D)

@@ -119,3 +119,26 @@ def test_the_probe_matches_scikit_learns_logistic_regression():
     with torch.no_grad():
         accuracy = (probe(torch.from_numpy(means[heldout])).argmax(1).numpy() == train.class_id[heldout]).mean()
     assert accuracy == pytest.approx(reference.score(x[heldout], train.class_id[heldout]), abs=0.02)
+
+
+def test_view_means_are_computed_once_per_split_and_match_a_plain_masked_mean():
+    """views_of hands out one Views per split and backbones; the side-by-side means reuse a backbone's
+    own means where its mask is the shared one, and use the shared mask where it is not."""
+    train = make_planted_features(n=300, num_classes=3, dims={"a": 8, "b": 12}, missing_fraction=0.3, seed=4)
+
+    def plain(features: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        x = np.where(mask[..., None], features.astype(np.float32), 0.0)
+        return x.sum(axis=1) / np.maximum(mask.sum(axis=1, keepdims=True), 1)
+
+    both = views_of(train, ["a", "b"])
+    assert views_of(train, ("a", "b")) is both and view_means(both) is view_means(views_of(train, ["a", "b"]))
+    shared = train.masks["a"] & train.masks["b"]
+    expected = np.concatenate([plain(train.features[b], shared) for b in ("a", "b")], axis=1)
+    np.testing.assert_allclose(view_means(both), expected, rtol=1e-6, atol=1e-6)
+    train.masks["b"][:20] = False  # b lost views that a kept: a's own means no longer serve the pair
+    fresh = train.subset(np.arange(len(train)))
+    shared = fresh.masks["a"] & fresh.masks["b"]
+    expected = np.concatenate([plain(fresh.features[b], shared) for b in ("a", "b")], axis=1)
+    np.testing.assert_allclose(view_means(views_of(fresh, ["a", "b"])), expected, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(view_means(views_of(fresh, ["a"])), plain(fresh.features["a"], fresh.masks["a"]),
+                               rtol=1e-6, atol=1e-6)

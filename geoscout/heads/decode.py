@@ -22,7 +22,8 @@ MEDIAN_ITERATIONS = 100
 # Weiszfeld divides by the distance to each candidate; this floor (radians, about 6 mm) keeps it finite
 # when the estimate sits on a candidate, which it then keeps (the median is at that candidate).
 MIN_ANGLE = 1e-9
-CONVERGED = 1e-10  # radians (about a millimetre): a row whose estimate moves less has settled
+ROW_BLOCK = 4096  # rows per block (1.7x faster than all 59,000 at once: bench/decode.py)
+CONVERGED = 1e-8  # radians (about 6 cm): a row whose estimate moves less has settled
 
 # (cells (N, k), their probabilities (N, k)) -> (N, k, 2) candidate positions in degrees
 PointsFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
@@ -53,16 +54,26 @@ def geometric_median(points: np.ndarray, weights: np.ndarray, *, iterations: int
     objective as its fixed points (the tangent toward p_i is (p_i - cos * x) / sin), so it converges
     to the spherical median for candidates within a hemisphere, as a state's are.
     """
+    if len(points) > ROW_BLOCK:  # row blocks: large temporaries cost more in page faults than in maths
+        parts = [geometric_median(points[start:start + ROW_BLOCK], weights[start:start + ROW_BLOCK], iterations=iterations)
+                 for start in range(0, len(points), ROW_BLOCK)]
+        return np.concatenate([lat for lat, _ in parts]), np.concatenate([lon for _, lon in parts])
     xyz = latlon_to_xyz(points[..., 0], points[..., 1])
     w = np.asarray(weights, dtype=np.float64)
     w = w / w.sum(axis=1, keepdims=True)
     x = _unit((w[..., None] * xyz).sum(axis=1), fallback=xyz[np.arange(len(w)), w.argmax(axis=1)])
+    # Where the median is the heaviest candidate itself (it is whenever that one holds half the weight),
+    # Weiszfeld only creeps toward it; the optimality test settles those rows exactly, at once.
+    settled, heaviest = _at_heaviest(xyz, w)
+    x[settled] = heaviest[settled]
     # Only the rows still moving iterate: Weiszfeld converges slowly near a candidate, so after 100
     # iterations about a tenth of the rows still move while the rest settled long before (5x faster
     # than iterating every row until the slowest settles; bench/decode.py).
-    active = np.arange(len(w))
-    p, wa, xa = xyz, w, x
+    active = np.flatnonzero(~settled)
+    p, wa, xa = xyz[active], w[active], x[active]
     for _ in range(iterations):
+        if not len(active):
+            break
         # sin of the angle from the chord c = |p - x| = 2 sin(angle / 2): exact for small angles too, and a
         # third of the work of a cross product per candidate
         d = p - xa[:, None, :]
@@ -72,10 +83,21 @@ def geometric_median(points: np.ndarray, weights: np.ndarray, *, iterations: int
         moved = _unit(np.einsum("nm,nmk->nk", pull, p), fallback=xa)
         moving = np.abs(moved - xa).max(axis=1) >= CONVERGED
         x[active] = moved
-        if not moving.any():
-            break
         active, p, wa, xa = active[moving], p[moving], wa[moving], moved[moving]
     return xyz_to_latlon(x)
+
+
+def _at_heaviest(xyz: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(rows whose median is their heaviest candidate, that candidate (N, 3)). The optimality condition of
+    a point that is itself a candidate j: the pull of the others, |sum_i w_i t_ij| with t_ij the unit
+    tangent at p_j toward p_i, is at most w_j (plus the weight of candidates at the same place)."""
+    heaviest = xyz[np.arange(len(w)), w.argmax(axis=1)]
+    cos = np.einsum("nmk,nk->nm", xyz, heaviest)
+    tangent = xyz - cos[..., None] * heaviest[:, None, :]
+    length = np.linalg.norm(tangent, axis=2)
+    apart = length > MIN_ANGLE
+    pull = np.einsum("nm,nmk->nk", np.where(apart, w / np.where(apart, length, 1.0), 0.0), tangent)
+    return np.linalg.norm(pull, axis=1) <= np.where(apart, 0.0, w).sum(axis=1), heaviest
 
 
 def _unit(v: np.ndarray, *, fallback: np.ndarray) -> np.ndarray:

@@ -16,6 +16,7 @@ from sklearn.cluster import KMeans
 from ..geo import haversine_km, latlon_to_xyz, spherical_mean
 
 ASSIGN_BLOCK = 8192
+ROW_BLOCK = 4096  # rows per block of class_logits: a few MB of temporaries, reused instead of page-faulted in
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,9 @@ class Geocells:
         """(N, C) log of each class's summed cell probability, up to a per-row constant: a logsumexp over
         each class's cells, shifted by the row's maximum (one scatter-add; a class whose cells are all
         more than ~700 below the row's best underflows to the log of the smallest double, not -inf)."""
+        if len(cell_logits) > ROW_BLOCK:  # row blocks: (N, K) temporaries cost more in page faults than in maths
+            return torch.cat([self.class_logits(cell_logits[start:start + ROW_BLOCK])
+                              for start in range(0, len(cell_logits), ROW_BLOCK)])
         index = torch.as_tensor(self.cell_class, device=cell_logits.device).expand_as(cell_logits)
         peak = cell_logits.max(dim=1, keepdim=True).values
         mass = torch.zeros((cell_logits.shape[0], self.num_classes), dtype=cell_logits.dtype, device=cell_logits.device)

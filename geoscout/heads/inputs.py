@@ -7,7 +7,8 @@ trains poorly. Arrays stay fp16 in RAM; only batches become float32.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Callable
 
 import numpy as np
@@ -40,24 +41,64 @@ def with_inputs(source: FeatureSource, inputs: tuple[str, ...] | list[str]) -> S
 
 @dataclass(frozen=True)
 class Views:
-    """Per-view features of a head's backbones, side by side: (N, 4, sum D) fp16 and the (N, 4) mask of
-    views embedded by every one of them."""
+    """Per-view features of a head's backbones: one (N, 4, D_b) fp16 array each, and the (N, 4) mask of
+    views embedded by every one of them. `features` sets them side by side and `means` averages the
+    views; both are computed on first use and kept (views_of hands out one Views per split and
+    backbones, so a split's view means are computed once however many heads read them)."""
 
-    features: np.ndarray
+    parts: tuple[np.ndarray, ...]
     mask: np.ndarray
+    # Per part, that backbone's own Views where its mask is this one (None where not): their means are
+    # reused, so the view means of a backbone are computed once per split, alone or beside others.
+    singles: tuple["Views | None", ...] = field(default=(), compare=False, repr=False)
 
     def __len__(self) -> int:
         return len(self.mask)
 
+    @property
+    def dim(self) -> int:
+        return sum(p.shape[2] for p in self.parts)
+
+    @cached_property
+    def features(self) -> np.ndarray:
+        """(N, 4, sum D) fp16; a copy when there are several backbones."""
+        return self.parts[0] if len(self.parts) == 1 else np.concatenate(self.parts, axis=2)
+
+    @cached_property
+    def means(self) -> np.ndarray:
+        """(N, sum D) float32: the mean of each location's embedded views (zeros where none), backbone by
+        backbone, so no side-by-side copy of the views is made."""
+        out = np.empty((len(self), self.dim), dtype=np.float32)
+        column = 0
+        for i, part in enumerate(self.parts):
+            width = part.shape[2]
+            single = self.singles[i] if self.singles else None
+            if single is not None:
+                out[:, column:column + width] = single.means
+            else:
+                for start in range(0, len(self), STATS_BLOCK):
+                    stop = min(start + STATS_BLOCK, len(self))
+                    out[start:stop, column:column + width], _ = masked_view_mean(part, self.mask, start, stop)
+            column += width
+        return out
+
 
 def views_of(split: SplitFeatures, backbones: tuple[str, ...] | list[str]) -> Views:
+    """The views of these backbones in this split: the same object for the same split and backbones."""
+    backbones = tuple(backbones)
     missing = [b for b in backbones if b not in split.features]
     if missing:
         raise ConfigError(f"no features of backbone(s) {missing} in the {split.split} split; available: {sorted(split.features)}")
-    if len(backbones) == 1:
-        return Views(split.features[backbones[0]], split.masks[backbones[0]])
-    mask = np.logical_and.reduce([split.masks[b] for b in backbones])
-    return Views(np.concatenate([split.features[b] for b in backbones], axis=2), mask)
+    key = ("views", backbones)
+    if key not in split.derived:
+        if len(backbones) == 1:
+            views = Views((split.features[backbones[0]],), split.masks[backbones[0]])
+        else:
+            mask = np.logical_and.reduce([split.masks[b] for b in backbones])
+            singles = tuple(views_of(split, (b,)) if np.array_equal(split.masks[b], mask) else None for b in backbones)
+            views = Views(tuple(split.features[b] for b in backbones), mask, singles)
+        split.derived[key] = views
+    return split.derived[key]
 
 
 def flipped_views_of(split: SplitFeatures, backbones: tuple[str, ...] | list[str]) -> Views | None:
@@ -65,16 +106,12 @@ def flipped_views_of(split: SplitFeatures, backbones: tuple[str, ...] | list[str
     if any(b not in split.flipped for b in backbones):
         return None
     mask = np.logical_and.reduce([split.masks[b] for b in backbones])
-    return Views(np.concatenate([split.flipped[b] for b in backbones], axis=2), mask)
+    return Views(tuple(split.flipped[b] for b in backbones), mask)
 
 
 def view_means(views: Views) -> np.ndarray:
     """(N, D) float32: the mean of each location's embedded views (zeros where none)."""
-    out = np.empty((len(views), views.features.shape[2]), dtype=np.float32)
-    for start in range(0, len(views), STATS_BLOCK):
-        stop = min(start + STATS_BLOCK, len(views))
-        out[start:stop], _ = masked_view_mean(views.features, views.mask, start, stop)
-    return out
+    return views.means
 
 
 def view_statistics(views: Views, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -92,12 +129,17 @@ def view_statistics(views: Views, rows: np.ndarray) -> tuple[np.ndarray, np.ndar
 
 
 def row_statistics(x: np.ndarray, rows: np.ndarray, present: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Per-dimension mean and std of the rows `rows` of a (N, D) array (only where `present`, if given)."""
+    """Per-dimension mean and std of the rows `rows` of a (N, D) array (only where `present`, if given);
+    float64 sums, in blocks (a float64 copy of a (59,000, 2560) array and its square cost 10 s)."""
     part = np.sort(rows)
     if present is not None:
         part = part[present[part]]
-    values = x[part].astype(np.float64)
-    return _mean_std(values.sum(axis=0), np.square(values).sum(axis=0), len(values))
+    total, total_sq = np.zeros(x.shape[1]), np.zeros(x.shape[1])
+    for start in range(0, len(part), STATS_BLOCK):
+        values = x[part[start:start + STATS_BLOCK]].astype(np.float64)
+        total += values.sum(axis=0)
+        total_sq += np.square(values).sum(axis=0)
+    return _mean_std(total, total_sq, len(part))
 
 
 def _mean_std(total: np.ndarray, total_sq: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:

@@ -117,7 +117,10 @@ def _outputs(kind: str, views: Views, *, device: torch.device) -> Callable[[nn.M
 def _mirrored(split: SplitFeatures, backbones: tuple[str, ...] | list[str], mode: str) -> Views | None:
     """The mirrored views of a store extracted with --flip, moved to their mirrored slots (tta.py)."""
     flipped = flipped_views_of(split, backbones)
-    return None if flipped is None else Views(*mirrored_views(flipped.features, flipped.mask, mode))
+    if flipped is None:
+        return None
+    mirrored = [mirrored_views(part, flipped.mask, mode) for part in flipped.parts]
+    return Views(tuple(features for features, _ in mirrored), mirrored[0][1])
 
 
 def _card(spec: MemberSpec, train: SplitFeatures, protocol: Protocol, geocells: Geocells, input_dim: int,
@@ -142,7 +145,7 @@ def train_member(source: FeatureSource, spec: MemberSpec, protocol: Protocol, ou
     folds = protocol.folds
     fit_class, fit_latlon = train.class_id[folds.fit_rows], train.latlon[folds.fit_rows]
     views = views_of(train, spec.backbones)
-    dim = views.features.shape[2]
+    dim = views.dim
     if spec.kind == "classifier":
         config: ClassifierConfig = spec.config
         geocells = make_geocells(fit_class, fit_latlon, len(train.classes), cells=config.geocells, min_rows=config.min_cell_rows)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
@@ -159,10 +160,17 @@ class Sniper(nn.Module):
         nn.init.zeros_(self.out.bias)
 
     def forward(self, descriptor: torch.Tensor, cell: torch.Tensor, confidence: torch.Tensor) -> torch.Tensor:
-        parts = [self.standardize(descriptor), self.cell_embedding(cell) * confidence[:, None]]
+        """descriptor (B, D) with cell and confidence (B,) -> (B, 2); or (B, k) each, k candidate cells of
+        one location -> (B, k, 2). The first layer is applied in two parts, descriptor and cell, so the
+        k candidates of a location share its descriptor's part (computed once, not k times)."""
+        first = self.body[0]
+        width = descriptor.shape[1]
+        hidden = F.linear(self.standardize(descriptor), first.weight[:, :width], first.bias)
+        cells = [self.cell_embedding(cell) * confidence[..., None]]
         if self.append_confidence:
-            parts.append(confidence[:, None])
-        return self.out(self.body(torch.cat(parts, dim=1))) * self.offset_scale_deg
+            cells.append(confidence[..., None])
+        hidden = (hidden[:, None, :] if cell.ndim == 2 else hidden) + F.linear(torch.cat(cells, dim=-1), first.weight[:, width:])
+        return self.out(self.body[1:](hidden)) * self.offset_scale_deg
 
 
 def apply_offset(centroids: torch.Tensor, cell: torch.Tensor, offset_deg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -61,19 +61,19 @@ def regressed_points(
     """(N, k, 2) degrees: centroid + offset of each row's k candidate cells (descriptors (N, d)), the
     offset averaged over `modules` (the fold models of one regressor)."""
     n, k = cells.shape
-    rows = np.repeat(np.arange(n), k)
-    flat_cells, flat_confidence = cells.ravel(), confidence.ravel().astype(np.float32)
-    table = torch.as_tensor(centroids, dtype=torch.float32)
-    out = np.empty((n * k, 2))
+    rows_per_batch = max(1, batch_size // max(k, 1))
+    table = torch.as_tensor(centroids, dtype=torch.float32).to(device)
+    out = np.empty((n, k, 2))
     for module in modules:
         module.eval()
     with torch.inference_mode():
-        for start in range(0, n * k, batch_size):
-            part = slice(start, min(start + batch_size, n * k))
-            descriptor = torch.from_numpy(descriptors[rows[part]]).to(device)
-            cell = torch.from_numpy(flat_cells[part]).to(device)
-            confidence = torch.from_numpy(flat_confidence[part]).to(device)
-            offset = torch.stack([m(descriptor, cell, confidence) for m in modules]).mean(dim=0)
-            lat, lon = apply_offset(table.to(device), cell, offset)
-            out[part, 0], out[part, 1] = lat.double().cpu().numpy(), lon.double().cpu().numpy()
-    return out.reshape(n, k, 2)
+        for start in range(0, n, rows_per_batch):
+            part = slice(start, min(start + rows_per_batch, n))
+            descriptor = torch.from_numpy(descriptors[part]).to(device)
+            cell = torch.from_numpy(np.ascontiguousarray(cells[part])).to(device)
+            probability = torch.from_numpy(np.ascontiguousarray(confidence[part], dtype=np.float32)).to(device)
+            offset = torch.stack([m(descriptor, cell, probability) for m in modules]).mean(dim=0)  # (B, k, 2)
+            lat, lon = apply_offset(table, cell.reshape(-1), offset.reshape(-1, 2))
+            out[part, :, 0] = lat.double().cpu().numpy().reshape(-1, k)
+            out[part, :, 1] = lon.double().cpu().numpy().reshape(-1, k)
+    return out

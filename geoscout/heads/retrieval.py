@@ -19,9 +19,10 @@ import numpy as np
 from sklearn.utils.extmath import randomized_svd
 
 from ..errors import ConfigError
-from ..index import descriptor_center, has_views, knn_search, location_descriptors
+from ..index import has_views, knn_search, unit_descriptors
 from ..store.features import SplitFeatures
 from .folds import Folds
+from .inputs import views_of
 
 PCA_SAMPLE = 8192  # gallery rows the principal directions are fitted on
 
@@ -42,15 +43,22 @@ class SearchSpace:
     basis: np.ndarray | None  # (sum D, dim) orthonormal columns, or None for the full width
 
     def describe(self, features: SplitFeatures) -> np.ndarray:
-        parts = [location_descriptors(features.features[b], features.masks[b], center=self.centers[b]) for b in self.backbones]
-        # a Python float keeps float32 (a numpy float64 scalar would double the array and the projection)
-        full = np.concatenate(parts, axis=1) / math.sqrt(len(parts))
+        # Each backbone's view means are the split's (computed once, see inputs.views_of).
+        parts = [unit_descriptors(views_of(features, (b,)).means, features.masks[b].any(axis=1), center=self.centers[b])
+                 for b in self.backbones]
         if self.basis is None:
+            full = np.concatenate(parts, axis=1)
+            full /= math.sqrt(len(parts))  # inner products: the mean of the backbones' cosines
             return full
-        projected = full @ self.basis
-        norms = np.linalg.norm(projected, axis=1, keepdims=True)
+        # The projection of the side-by-side descriptor, backbone by backbone (no wide copy); the common
+        # scale of the parts does not matter, as the projected rows are normalised again.
+        projected = np.zeros((len(features), self.basis.shape[1]), dtype=np.float32)
+        column = 0
+        for part in parts:
+            projected += part @ self.basis[column:column + part.shape[1]]
+            column += part.shape[1]
         # rows without views stay zero (has_views reports them); the rest are unit length again
-        return np.where(norms > 0, projected / np.where(norms > 0, norms, 1.0), 0.0).astype(np.float32)
+        return unit_descriptors(projected, has_views(projected))
 
 
 def fit_space(features: SplitFeatures, *, rows: np.ndarray, backbones: list[str], dim: int, seed: int = 0) -> SearchSpace:
@@ -61,7 +69,12 @@ def fit_space(features: SplitFeatures, *, rows: np.ndarray, backbones: list[str]
         raise ConfigError(f"retrieval needs the features of {missing}")
     in_gallery = np.zeros(len(features), dtype=bool)
     in_gallery[rows] = True
-    centers = {b: descriptor_center(features.features[b], features.masks[b] & in_gallery[:, None]) for b in backbones}
+    centers = {}
+    for b in backbones:
+        # the mean location descriptor of the gallery rows with a view (index.descriptor_center's)
+        present = features.masks[b].any(axis=1) & in_gallery
+        total = views_of(features, (b,)).means.sum(axis=0, where=present[:, None], dtype=np.float64)
+        centers[b] = (total / max(int(present.sum()), 1)).astype(np.float32)
     space = SearchSpace(list(backbones), centers, None)
     width = sum(features.features[b].shape[2] for b in backbones)
     if dim and width > dim:

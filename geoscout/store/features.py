@@ -27,6 +27,9 @@ class SplitFeatures:
     flipped: dict[str, np.ndarray] = field(default_factory=dict)
     # the store datasets `features` holds, concatenated in this order (read_split(datasets=...))
     datasets: tuple[str, ...] = ("features",)
+    # Arrays the heads derive from these features (e.g. view means), kept so that each is computed once
+    # per split; never saved, and not carried over by `subset`.
+    derived: dict = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         n = len(self.sample_id)
