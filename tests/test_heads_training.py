@@ -142,3 +142,12 @@ def test_view_means_are_computed_once_per_split_and_match_a_plain_masked_mean():
     np.testing.assert_allclose(view_means(views_of(fresh, ["a", "b"])), expected, rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(view_means(views_of(fresh, ["a"])), plain(fresh.features["a"], fresh.masks["a"]),
                                rtol=1e-6, atol=1e-6)
+
+
+def test_a_split_made_from_another_does_not_inherit_its_cached_view_means():
+    import dataclasses
+
+    train = make_planted_features(n=200, num_classes=3, dims={"a": 8}, missing_fraction=0.2, seed=5)
+    assert view_means(views_of(train, ["a"])).any()
+    emptied = dataclasses.replace(train, masks={"a": np.zeros_like(train.masks["a"])})
+    assert not view_means(views_of(emptied, ["a"])).any()  # no view left: zeros, not the first split's means

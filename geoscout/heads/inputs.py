@@ -52,6 +52,10 @@ class Views:
     # reused, so the view means of a backbone are computed once per split, alone or beside others.
     singles: tuple["Views | None", ...] = field(default=(), compare=False, repr=False)
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.parts, tuple) or any(np.ndim(p) != 3 for p in self.parts):
+            raise TypeError("Views.parts is a tuple of (N, 4, D) arrays, one per backbone")
+
     def __len__(self) -> int:
         return len(self.mask)
 

@@ -28,8 +28,9 @@ class SplitFeatures:
     # the store datasets `features` holds, concatenated in this order (read_split(datasets=...))
     datasets: tuple[str, ...] = ("features",)
     # Arrays the heads derive from these features (e.g. view means), kept so that each is computed once
-    # per split; never saved, and not carried over by `subset`.
-    derived: dict = field(default_factory=dict, repr=False, compare=False)
+    # per split: the arrays above are read-only once a head has read them. Never saved, never passed in,
+    # and a new split (`subset`, dataclasses.replace) starts without them.
+    derived: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         n = len(self.sample_id)
