@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from geoscout.heads.classifier import ProbeObjective
-from geoscout.heads.inputs import row_statistics, view_means, views_of
+from geoscout.heads.inputs import row_statistics, views_of
 from geoscout.heads.models import ClassifierConfig, FusionConfig, Probe
 from geoscout.heads.training import TrainConfig, fit, heldout_loss, seeded
 from geoscout.testing import make_planted_features
@@ -85,7 +85,7 @@ def test_a_classifier_trains_to_convergence_at_150_and_2000_rows_per_state(rows_
     cut = int(0.8 * len(rows))
     with seeded(0):
         module = Scout(config, 24, states)
-    mean, std = row_statistics(view_means(views), rows[:cut])
+    mean, std = row_statistics(views.means, rows[:cut])
     module.standardize.set_statistics(mean, std)
     result = fit(module, objective, train_rows=np.sort(rows[:cut]), heldout_rows=np.sort(rows[cut:]), config=config.train,
                  seed=0, device=CPU, desc="converge", progress=False)
@@ -100,7 +100,7 @@ def test_the_probe_matches_scikit_learns_logistic_regression():
 
     train = make_planted_features(n=1200, num_classes=6, dims={"a": 16, "b": 24}, seed=2)
     views = views_of(train, ["a", "b"])
-    means = view_means(views)
+    means = views.means
     fit_rows, heldout = np.arange(900), np.arange(900, 1200)
     mean, std = row_statistics(means, fit_rows, present=views.mask.any(axis=1))
     l2 = 1e-2
@@ -131,16 +131,16 @@ def test_view_means_are_computed_once_per_split_and_match_a_plain_masked_mean():
         return x.sum(axis=1) / np.maximum(mask.sum(axis=1, keepdims=True), 1)
 
     both = views_of(train, ["a", "b"])
-    assert views_of(train, ("a", "b")) is both and view_means(both) is view_means(views_of(train, ["a", "b"]))
+    assert views_of(train, ("a", "b")) is both and both.means is views_of(train, ["a", "b"]).means
     shared = train.masks["a"] & train.masks["b"]
     expected = np.concatenate([plain(train.features[b], shared) for b in ("a", "b")], axis=1)
-    np.testing.assert_allclose(view_means(both), expected, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(both.means, expected, rtol=1e-6, atol=1e-6)
     train.masks["b"][:20] = False  # b lost views that a kept: a's own means no longer serve the pair
     fresh = train.subset(np.arange(len(train)))
     shared = fresh.masks["a"] & fresh.masks["b"]
     expected = np.concatenate([plain(fresh.features[b], shared) for b in ("a", "b")], axis=1)
-    np.testing.assert_allclose(view_means(views_of(fresh, ["a", "b"])), expected, rtol=1e-6, atol=1e-6)
-    np.testing.assert_allclose(view_means(views_of(fresh, ["a"])), plain(fresh.features["a"], fresh.masks["a"]),
+    np.testing.assert_allclose(views_of(fresh, ["a", "b"]).means, expected, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(views_of(fresh, ["a"]).means, plain(fresh.features["a"], fresh.masks["a"]),
                                rtol=1e-6, atol=1e-6)
 
 
@@ -148,6 +148,6 @@ def test_a_split_made_from_another_does_not_inherit_its_cached_view_means():
     import dataclasses
 
     train = make_planted_features(n=200, num_classes=3, dims={"a": 8}, missing_fraction=0.2, seed=5)
-    assert view_means(views_of(train, ["a"])).any()
+    assert views_of(train, ["a"]).means.any()
     emptied = dataclasses.replace(train, masks={"a": np.zeros_like(train.masks["a"])})
-    assert not view_means(views_of(emptied, ["a"])).any()  # no view left: zeros, not the first split's means
+    assert not views_of(emptied, ["a"]).means.any()  # no view left: zeros, not the first split's means

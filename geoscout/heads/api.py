@@ -36,7 +36,7 @@ from .decode import decode
 from .ensemble import EnsembleConfig, fine_cells, fit_temperature, fit_weights, joint_cell_logits, pool, state_log_probs
 from .folds import Folds, make_folds
 from .geocells import Geocells
-from .inputs import FeatureSource, row_statistics, view_means, views_of, with_inputs
+from .inputs import FeatureSource, row_statistics, views_of, with_inputs
 from .members import (
     LoadedMember,
     MemberResult,
@@ -156,7 +156,7 @@ def _combine(outputs: list[np.ndarray], members: _Members, weights: np.ndarray, 
 
 def _descriptors(features: SplitFeatures, backbones: list[str]) -> np.ndarray:
     """What the regressor reads: the view means of every backbone side by side (standardised in the module)."""
-    return view_means(views_of(features, backbones))
+    return views_of(features, backbones).means
 
 
 @dataclass

@@ -58,7 +58,7 @@ def geometric_median(points: np.ndarray, weights: np.ndarray, *, iterations: int
     """
     if len(points) > ROW_BLOCK:
         # Row blocks (large temporaries cost more in page faults than in maths), on every usable core at
-        # once: numpy releases the GIL in the arithmetic (1.75x on two cores, bench/decode.py).
+        # once: numpy releases the GIL in the arithmetic (1.75x on two cores).
         starts = range(0, len(points), ROW_BLOCK)
         with ThreadPoolExecutor(max_workers=min(usable_cpus(), len(starts))) as pool:
             parts = list(pool.map(lambda start: geometric_median(points[start:start + ROW_BLOCK],

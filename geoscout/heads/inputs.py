@@ -113,11 +113,6 @@ def flipped_views_of(split: SplitFeatures, backbones: tuple[str, ...] | list[str
     return Views(tuple(split.flipped[b] for b in backbones), mask)
 
 
-def view_means(views: Views) -> np.ndarray:
-    """(N, D) float32: the mean of each location's embedded views (zeros where none)."""
-    return views.means
-
-
 def view_statistics(views: Views, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per-dimension mean and std over the embedded views of `rows` (float64 sums, in blocks)."""
     dim = views.features.shape[2]

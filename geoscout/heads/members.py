@@ -26,7 +26,7 @@ from .classifier import ClassifierObjective, ProbeObjective, probe_logits, scout
 from .configio import config_from_dict, config_to_dict
 from .folds import Folds
 from .geocells import Geocells, make_geocells
-from .inputs import FeatureSource, Views, flipped_views_of, row_statistics, view_means, view_statistics, views_of, with_inputs
+from .inputs import FeatureSource, Views, flipped_views_of, row_statistics, view_statistics, views_of, with_inputs
 from .models import ClassifierConfig, Probe, ProbeConfig, Scout
 from .training import fit, seeded, top5_from_logits
 from .tta import TTA_MODES, mirrored_views
@@ -110,7 +110,7 @@ def _outputs(kind: str, views: Views, *, device: torch.device) -> Callable[[nn.M
     """(module, rows) -> the module's logits for those rows of `views`, in eval mode."""
     if kind == "classifier":
         return lambda m, rows: scout_logits(m, views, rows, batch_size=EVAL_BATCH, device=device)
-    means = view_means(views)
+    means = views.means
     return lambda m, rows: probe_logits(m, means, rows, batch_size=EVAL_BATCH, device=device)
 
 
@@ -166,7 +166,7 @@ def train_member(source: FeatureSource, spec: MemberSpec, protocol: Protocol, ou
     else:
         config: ProbeConfig = spec.config
         geocells = make_geocells(fit_class, fit_latlon, len(train.classes), cells=0, min_rows=1)
-        means = view_means(views)
+        means = views.means
         mean, std = row_statistics(means, folds.fit_rows, present=views.mask.any(axis=1))
 
         # The L2 strength by cross-validation: every candidate is cross-fitted, strongest first, each fold
