@@ -2,6 +2,7 @@
 
     python bench/heads.py regimes                    # default vs seed vs a tuned logistic probe, 4 regimes x 2 sizes x 3 seeds
     python bench/heads.py regimes --regimes noisy --sizes small --seeds 0
+    python bench/heads.py variants --sizes small --seeds 100,101   # changes to the default on tuning draws, vs the default
     python bench/heads.py scale                      # every head at 65,980 + 16,495 locations, timed (see heads_scale.py)
     python bench/heads.py scale --smoke
 
@@ -49,12 +50,39 @@ def regimes_main(argv: list[str]) -> None:
     print(hr.table(rows, presets, args.split))
 
 
+def variants_main(argv: list[str]) -> None:
+    import heads_regimes as hr
+    import heads_variants as hv
+
+    p = argparse.ArgumentParser(prog="bench/heads.py variants", description=hv.__doc__.split("\n\n")[0])
+    p.add_argument("--cache", default="/tmp/geoscout-bench-tuning", help="tuning draws, member pools and variants.jsonl")
+    p.add_argument("--regimes", default=",".join(hr.REGIMES), help=f"comma-separated: {', '.join(hr.REGIMES)}")
+    p.add_argument("--sizes", default="small,large")
+    p.add_argument("--seeds", default="100,101", help="tuning draws: never the seeds the regime table reports (0, 1, 2)")
+    p.add_argument("--variants", default=",".join(hv.VARIANTS), help=f"comma-separated: {', '.join(hv.VARIANTS)}")
+    p.add_argument("--threads", type=int, default=1)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    if set(seeds) & {0, 1, 2}:
+        raise SystemExit("seeds 0, 1 and 2 are the regime table's held-out draws: tune on others (e.g. 100,101)")
+    cache = Path(args.cache)
+    cache.mkdir(parents=True, exist_ok=True)
+    variants = [v for v in args.variants.split(",") if v]
+    started = time.perf_counter()
+    rows = hv.run(cache, regimes=args.regimes.split(","), sizes=args.sizes.split(","), seeds=seeds, variants=variants,
+                  log=lambda s: print(s, flush=True))
+    print(f"\ntest split of the tuning draws, each variant minus the default ({time.perf_counter() - started:.0f} s):\n")
+    print(hv.table(rows, variants))
+
+
 def main() -> None:
-    if len(sys.argv) < 2 or sys.argv[1] not in ("regimes", "scale"):
+    modes = {"regimes": regimes_main, "variants": variants_main}
+    if len(sys.argv) < 2 or sys.argv[1] not in (*modes, "scale"):
         raise SystemExit(__doc__)
     mode, argv = sys.argv[1], sys.argv[2:]
-    if mode == "regimes":
-        regimes_main(argv)
+    if mode in modes:
+        modes[mode](argv)
     else:
         import heads_scale
 
