@@ -66,9 +66,11 @@ def variants_main(argv: list[str]) -> None:
     seeds = [int(s) for s in args.seeds.split(",")]
     if set(seeds) & {0, 1, 2}:
         raise SystemExit("seeds 0, 1 and 2 are the regime table's held-out draws: tune on others (e.g. 100,101)")
-    cache = Path(args.cache)
+    cache = Path(args.cache).resolve()  # members are linked by absolute path
     cache.mkdir(parents=True, exist_ok=True)
     variants = [v for v in args.variants.split(",") if v]
+    for v in variants:
+        hv.variant(v)  # an unknown name fails before any data set is built
     started = time.perf_counter()
     rows = hv.run(cache, regimes=args.regimes.split(","), sizes=args.sizes.split(","), seeds=seeds, variants=variants,
                   log=lambda s: print(s, flush=True))
