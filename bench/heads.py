@@ -3,6 +3,7 @@
     python bench/heads.py regimes                    # default vs seed vs a tuned logistic probe, 4 regimes x 2 sizes x 3 seeds
     python bench/heads.py regimes --regimes noisy --sizes small --seeds 0
     python bench/heads.py variants --sizes small --seeds 100,101   # changes to the default on tuning draws, vs the default
+    python bench/heads.py margins --cache DIR        # the regime table's margins: paired bootstrap over test rows
     python bench/heads.py scale                      # every head at 65,980 + 16,495 locations, timed (see heads_scale.py)
     python bench/heads.py scale --smoke
 
@@ -78,8 +79,22 @@ def variants_main(argv: list[str]) -> None:
     print(hv.table(rows, variants))
 
 
+def margins_main(argv: list[str]) -> None:
+    import heads_margins as hm
+
+    p = argparse.ArgumentParser(prog="bench/heads.py margins", description=hm.__doc__.split("\n\n")[0])
+    p.add_argument("--cache", default="/tmp/geoscout-bench-regimes", help="the cache `regimes` filled (it retrains nothing)")
+    p.add_argument("--threads", type=int, default=1)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    text = hm.main(Path(args.cache).resolve(), log=lambda s: print(s, flush=True))
+    print(f"\ntest split, paired bootstrap over test rows ({hm.DRAWS} draws, {time.perf_counter() - started:.0f} s):\n")
+    print(text)
+
+
 def main() -> None:
-    modes = {"regimes": regimes_main, "variants": variants_main}
+    modes = {"regimes": regimes_main, "variants": variants_main, "margins": margins_main}
     if len(sys.argv) < 2 or sys.argv[1] not in (*modes, "scale"):
         raise SystemExit(__doc__)
     mode, argv = sys.argv[1], sys.argv[2:]

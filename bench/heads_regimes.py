@@ -78,8 +78,9 @@ def dataset(cache: Path, regime: Regime, size: str, seed: int, log=print) -> Pat
     return store
 
 
-def probe_floor(data: StoreData) -> dict:
-    """LogisticRegressionCV on standardised view means of every training row; the predicted state's centroid."""
+def probe_prediction(data: StoreData) -> tuple[np.ndarray, np.ndarray]:
+    """LogisticRegressionCV on standardised view means of every training row: the test split's top-5 class
+    ids (N, 5) and positions (N, 2), the predicted state's training centroid."""
     from sklearn.linear_model import LogisticRegressionCV
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
@@ -97,9 +98,15 @@ def probe_floor(data: StoreData) -> dict:
     top5 = classes[np.argsort(-proba, axis=1)[:, :5]]
     centroids = {c: spherical_mean(*train.latlon[train.class_id == c].T) for c in classes}
     point = np.array([centroids[c] for c in top5[:, 0]])
-    class_id, latlon = data.test_truth()
     if top5.shape[1] < 5:
         top5 = np.pad(top5, ((0, 0), (0, 5 - top5.shape[1])), constant_values=-1)
+    return top5, point
+
+
+def probe_floor(data: StoreData) -> dict:
+    """The probe's metrics on the test split."""
+    top5, point = probe_prediction(data)
+    class_id, latlon = data.test_truth()
     return score_predictions(class_id, latlon[:, 0], latlon[:, 1], top5, point[:, 0], point[:, 1])
 
 

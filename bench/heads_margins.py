@@ -1,0 +1,122 @@
+"""How sure are the regime table's margins? A paired bootstrap over test rows, and the seed's headroom.
+
+The competition score is a mean over locations: a row earns 0.7 x its classification credit (1, 0.6,
+0.4, 0.25, 0.15 for the true state at rank 1..5) + 0.3 x (1 - its km / 5000), as long as the mean
+error stays under 5,000 km. So the margin between two recipes on one test split is the mean of
+per-row differences, and resampling the test rows (the same rows for both recipes: paired) shows
+how much of it is the luck of which 500 or 1,000 locations were drawn. Each table row averages its
+seeds' margins; each bootstrap draw resamples every seed's test rows.
+
+It retrains nothing: it reads the heads `bench/heads.py regimes` trained (the current recipes'
+digests) and predicts the test split again, checking that every recipe scores exactly what
+results.jsonl recorded. The probe is refitted the same way (it is deterministic).
+
+The headroom: a recipe can only gain over the seed recipe what the seed loses. The seed's
+classification loses 0.7 x (1 - its classification credit); the positions can never reach 0 km, so
+that loss is the part of the score a better classifier can win back.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import heads_regimes as hr
+import numpy as np
+
+from geoscout.geo import haversine_km
+from geoscout.heads import predict, recipe
+from geoscout.metric import classification_points
+from geoscout.stages import HeadPaths, StoreData
+
+TARGET = 0.005  # the margin the heads are asked for
+DRAWS = 2000
+
+
+def row_scores(class_id: np.ndarray, latlon: np.ndarray, top5: np.ndarray, point: np.ndarray) -> np.ndarray:
+    """Each location's share of the score: their mean is the competition score (mean error under 5,000 km)."""
+    km = haversine_km(latlon[:, 0], latlon[:, 1], point[:, 0], point[:, 1])
+    return 0.7 * classification_points(class_id, top5) + 0.3 * (1.0 - km / 5000.0)
+
+
+def recipe_prediction(store: Path, work: Path, preset: str, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The test split's top-5 class ids and positions of a recipe that run_recipe trained."""
+    data = StoreData(store, hr.BACKBONES)
+    plan = recipe(preset, hr.BACKBONES)
+    fit_rows = data.protocol(plan.folds, seed).folds.fit_rows
+    out = predict(data.source("test"), HeadPaths(work, preset).ensemble, device="cpu", gallery=data.train, fit_rows=fit_rows)
+    return out.top5, np.stack([out.lat, out.lon], axis=1)
+
+
+def per_row(cache: Path, results: list[dict], log=print) -> dict[tuple, dict[str, np.ndarray]]:
+    """(regime, size, seed) -> recipe -> per-row scores and classification credits on the test split,
+    for every data set with the probe, the default and the seed recipe at their current digests."""
+    digests = {"probe": "sklearn-LogisticRegressionCV", "default": hr.recipe_digest("default"), "seed": hr.recipe_digest("seed")}
+    recorded = {}
+    for r in results:
+        if digests.get(r["recipe"]) == r["digest"]:
+            recorded.setdefault(r["data"], {})[r["recipe"]] = r
+    out = {}
+    for name, by_recipe in sorted(recorded.items()):
+        if set(by_recipe) != set(digests):
+            continue
+        first = by_recipe["default"]
+        store = cache / name / "store"
+        data = StoreData(store, hr.BACKBONES)
+        class_id, latlon = data.test_truth()
+        rows = {}
+        for label, row in by_recipe.items():
+            if label == "probe":
+                top5, point = hr.probe_prediction(data)
+            else:
+                top5, point = recipe_prediction(store, cache / name / f"heads-{digests[label]}", label, first["seed"])
+            scores = row_scores(class_id, latlon, top5, point)
+            if abs(scores.mean() - row["test"]["score"]) > 1e-9:
+                raise SystemExit(f"{name}: {label} scores {scores.mean():.6f} now, {row['test']['score']:.6f} in results.jsonl: "
+                                 "the heads on disk are not the ones the table reports")
+            rows[label] = scores
+            rows[f"{label}:credit"] = classification_points(class_id, top5)
+        out[(first["regime"], first["size"], first["seed"])] = rows
+        log(f"  {name}: default − seed {rows['default'].mean() - rows['seed'].mean():+.4f}")
+    return out
+
+
+def bootstrap(diffs: list[np.ndarray], *, draws: int = DRAWS, seed: int = 0) -> np.ndarray:
+    """Bootstrap draws of the mean over seeds of each seed's mean row difference (rows resampled per seed)."""
+    rng = np.random.default_rng(seed)
+    total = np.zeros(draws)
+    for d in diffs:
+        total += d[rng.integers(0, len(d), size=(draws, len(d)))].mean(axis=1)
+    return total / len(diffs)
+
+
+def table(data: dict[tuple, dict[str, np.ndarray]]) -> str:
+    lines = ["| regime | size | default − seed [95 % interval] | bootstrap draws ≥ +0.005 | rows whose class credit differs: default better / seed better "
+             "| seed's classification loss, 0.7 × (1 − credit) | 0.005 as a share of it | default − probe [95 % interval] |",
+             "| --- | --- | --- | ---: | --- | ---: | ---: | --- |"]
+    groups = {}
+    for (regime, size, seed), rows in data.items():
+        groups.setdefault((regime, size), []).append(rows)
+    for (regime, size), runs in groups.items():
+        cells = []
+        for other in ("seed", "probe"):
+            diffs = [r["default"] - r[other] for r in runs]
+            boot = bootstrap(diffs)
+            low, high = np.percentile(boot, [2.5, 97.5])
+            cells.append((np.mean([d.mean() for d in diffs]), low, high, (boot >= TARGET).mean()))
+        better = sum(int((r["default:credit"] > r["seed:credit"]).sum()) for r in runs)
+        worse = sum(int((r["default:credit"] < r["seed:credit"]).sum()) for r in runs)
+        rows_total = sum(len(r["default"]) for r in runs)
+        loss = np.mean([0.7 * (1 - r["seed:credit"].mean()) for r in runs])
+        (m, lo, hi, share), (pm, plo, phi, _) = cells
+        lines.append(f"| {regime} | {size} ({len(runs)} seeds) | {m:+.4f} [{lo:+.4f}, {hi:+.4f}] | {share:.0%} "
+                     f"| {better} / {worse} of {rows_total:,} | {loss:.4f} | {TARGET / loss:.0%} | {pm:+.4f} [{plo:+.4f}, {phi:+.4f}] |")
+    return "\n".join(lines)
+
+
+def main(cache: Path, log=print) -> str:
+    path = cache / "results.jsonl"
+    if not path.exists():
+        raise SystemExit(f"{path} does not exist: run `python bench/heads.py regimes --cache {cache}` first")
+    results = [json.loads(line) for line in path.read_text().splitlines()]
+    return table(per_row(cache, results, log))
