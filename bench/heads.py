@@ -84,11 +84,13 @@ def margins_main(argv: list[str]) -> None:
 
     p = argparse.ArgumentParser(prog="bench/heads.py margins", description=hm.__doc__.split("\n\n")[0])
     p.add_argument("--cache", default="/tmp/geoscout-bench-regimes", help="the cache `regimes` filled (it retrains nothing)")
+    p.add_argument("--regimes", default="", help="comma-separated; default: every regime in the cache")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
-    text = hm.main(Path(args.cache).resolve(), log=lambda s: print(s, flush=True))
+    regimes = [r for r in args.regimes.split(",") if r] or None
+    text = hm.main(Path(args.cache).resolve(), regimes, log=lambda s: print(s, flush=True))
     print(f"\ntest split, paired bootstrap over test rows ({hm.DRAWS} draws, {time.perf_counter() - started:.0f} s):\n")
     print(text)
 

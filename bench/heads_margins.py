@@ -48,7 +48,7 @@ def recipe_prediction(store: Path, work: Path, preset: str, seed: int) -> tuple[
     return out.top5, np.stack([out.lat, out.lon], axis=1)
 
 
-def per_row(cache: Path, results: list[dict], log=print) -> dict[tuple, dict[str, np.ndarray]]:
+def per_row(cache: Path, results: list[dict], regimes: list[str] | None = None, log=print) -> dict[tuple, dict[str, np.ndarray]]:
     """(regime, size, seed) -> recipe -> per-row scores and classification credits on the test split,
     for every data set with the probe, the default and the seed recipe at their current digests."""
     digests = {"probe": "sklearn-LogisticRegressionCV", "default": hr.recipe_digest("default"), "seed": hr.recipe_digest("seed")}
@@ -58,7 +58,7 @@ def per_row(cache: Path, results: list[dict], log=print) -> dict[tuple, dict[str
             recorded.setdefault(r["data"], {})[r["recipe"]] = r
     out = {}
     for name, by_recipe in sorted(recorded.items()):
-        if set(by_recipe) != set(digests):
+        if set(by_recipe) != set(digests) or (regimes and by_recipe["default"]["regime"] not in regimes):
             continue
         first = by_recipe["default"]
         store = cache / name / "store"
@@ -114,9 +114,9 @@ def table(data: dict[tuple, dict[str, np.ndarray]]) -> str:
     return "\n".join(lines)
 
 
-def main(cache: Path, log=print) -> str:
+def main(cache: Path, regimes: list[str] | None = None, log=print) -> str:
     path = cache / "results.jsonl"
     if not path.exists():
         raise SystemExit(f"{path} does not exist: run `python bench/heads.py regimes --cache {cache}` first")
     results = [json.loads(line) for line in path.read_text().splitlines()]
-    return table(per_row(cache, results, log))
+    return table(per_row(cache, results, regimes, log))

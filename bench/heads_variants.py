@@ -46,6 +46,9 @@ def variant(name: str) -> Recipe:
         "concat-2nd": [d[0], MemberSpec("classifier", (B[1],), _concat_classifier(), "cat512"), d[2]],
         "concat-both": [MemberSpec("classifier", (b,), _concat_classifier(), "cat512") for b in B] + [d[2]],
         "plus-concat": d + [MemberSpec("classifier", (b,), _concat_classifier(), "cat512") for b in B],
+        # One classifier over both backbones' views side by side (about the two classifiers' cost together).
+        "joint": [MemberSpec("classifier", tuple(B), default_classifier()), d[2]],
+        "plus-joint": d + [MemberSpec("classifier", tuple(B), default_classifier())],
     }
     if name == "seed":
         return seed
@@ -66,7 +69,7 @@ def variant(name: str) -> Recipe:
 
 
 VARIANTS = ("seed", "plus-seed-tf", "plus-seed-concat", "plus-seed-both", "concat-2nd", "concat-both", "plus-concat",
-            "seed-ensemble", "no-temperature", "seed-decoding")
+            "joint", "plus-joint", "seed-ensemble", "no-temperature", "seed-decoding")
 
 
 def _digest(obj) -> str:
