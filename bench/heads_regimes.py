@@ -1,7 +1,7 @@
 """The heads against a tuned logistic probe and the seed recipe, across regimes of synthetic data.
 
 Each regime is a `geoscout synth` difficulty (neighbouring states that look alike, 100-200 rows per
-state, imbalanced states, noisy and broken views) at two sizes (1,500 / 500 and 6,000 / 1,000
+state, imbalanced states, noisy and broken views, and all of them at once) at two sizes (1,500 / 500 and 6,000 / 1,000
 locations), drawn with several seeds. Every data set is extracted with the two tiny random
 backbones (`--bad-images mask`, as the broken views need) into its own store, cached under --cache.
 Recipes are trained on the store's training split exactly as `geoscout run` does (validation split,
@@ -33,7 +33,7 @@ from geoscout.stages import HeadPaths, StoreData, evaluate_stage, fit_ensemble_s
 from geoscout.synth import difficulty_from, synthesize
 
 BACKBONES = ["tiny-clip-random", "tiny-convnext-random"]
-SIZES = {"small": (1500, 500), "large": (6000, 1000)}
+SIZES = {"small": (1500, 500), "large": (6000, 1000), "xlarge": (24000, 1000)}  # xlarge: how far more rows go, not in the table
 
 
 @dataclass(frozen=True)
@@ -53,6 +53,8 @@ REGIMES = {
         Regime("imbalanced", "imbalanced", {"small": 15, "large": 25}, "state frequencies fall as rank^-1.2 (lookalike 0.9)"),
         Regime("noisy", "noisy", {"small": 10, "large": 20},
                "4x grain, 25% blank views, 5% broken (masked) views (lookalike 0.6)"),
+        Regime("hard", "hard", {"small": 15, "large": 25},
+               "all at once: lookalike 0.8, imbalance 0.8, 3x grain, 15% blank and 3% broken views"),
     )
 }
 KEYS = ("score", "classification_score", "gps_score", "top1_accuracy", "mean_km")
@@ -61,6 +63,7 @@ KEYS = ("score", "classification_score", "gps_score", "top1_accuracy", "mean_km"
 def dataset(cache: Path, regime: Regime, size: str, seed: int, log=print) -> Path:
     """The store of one (regime, size, seed), made once: synth, then extract with the tiny backbones."""
     n_train, n_test = SIZES[size]
+    states = regime.states["large" if size == "xlarge" else size]
     level = difficulty_from(regime.difficulty, **dict(regime.overrides))
     tag = hashlib.sha256(repr(level).encode()).hexdigest()[:6]  # another difficulty is another data set
     root = cache / f"{regime.name}-{size}-seed{seed}-{tag}"
@@ -70,7 +73,7 @@ def dataset(cache: Path, regime: Regime, size: str, seed: int, log=print) -> Pat
     started = time.perf_counter()
     data = root / "data"
     if not (data / "train_ground_truth.csv").exists():
-        synthesize(data, n_train=n_train, n_test=n_test, n_states=regime.states[size], seed=seed, progress=False,
+        synthesize(data, n_train=n_train, n_test=n_test, n_states=states, seed=seed, progress=False,
                    difficulty=level)
     extract(data, store, backbones=BACKBONES, device="cpu", bad_images="mask", check_images=False, progress=False)
     (root / "ready").write_text("")
