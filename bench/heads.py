@@ -1,6 +1,6 @@
 """The heads' benchmarks: accuracy across regimes of synthetic data, and time at competition scale.
 
-    python bench/heads.py regimes                    # default vs seed vs a tuned logistic probe, 4 regimes x 2 sizes x 3 seeds
+    python bench/heads.py regimes                    # default vs seed vs a tuned logistic probe, 5 regimes x 2 sizes x 3 seeds
     python bench/heads.py regimes --regimes noisy --sizes small --seeds 0
     python bench/heads.py variants --sizes small --seeds 100,101   # changes to the default on tuning draws, vs the default
     python bench/heads.py margins --cache DIR        # the regime table's margins: paired bootstrap over test rows
@@ -85,11 +85,13 @@ def margins_main(argv: list[str]) -> None:
     p = argparse.ArgumentParser(prog="bench/heads.py margins", description=hm.__doc__.split("\n\n")[0])
     p.add_argument("--cache", default="/tmp/geoscout-bench-regimes", help="the cache `regimes` filled (it retrains nothing)")
     p.add_argument("--regimes", default="", help="comma-separated; default: every regime in the cache")
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--threads", type=int, default=1, help="torch threads")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     regimes = [r for r in args.regimes.split(",") if r] or None
+    # torch's threads only: the probe must be refitted as `regimes` fitted it (BLAS on every core), or its
+    # answers can differ in the last digits and on a row or two
     text = hm.main(Path(args.cache).resolve(), regimes, log=lambda s: print(s, flush=True))
     print(f"\ntest split, paired bootstrap over test rows ({hm.DRAWS} draws, {time.perf_counter() - started:.0f} s):\n")
     print(text)
