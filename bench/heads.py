@@ -30,7 +30,8 @@ def regimes_main(argv: list[str]) -> None:
     p = argparse.ArgumentParser(prog="bench/heads.py regimes", description=hr.__doc__.split("\n\n")[0])
     p.add_argument("--cache", default="/tmp/geoscout-bench-regimes", help="data sets, stores, heads and results.jsonl")
     p.add_argument("--regimes", default=",".join(hr.REGIMES), help=f"comma-separated: {', '.join(hr.REGIMES)}")
-    p.add_argument("--sizes", default="small,large", help="small (1,500 / 500) and/or large (6,000 / 1,000)")
+    p.add_argument("--sizes", default="small,large", help="small (1,500 / 500) and/or large (6,000 / 1,000); "
+                   "xlarge (24,000 / 1,000) for ceiling checks outside the table")
     p.add_argument("--seeds", default="0,1,2", help="data and training seeds")
     p.add_argument("--presets", default="default,seed")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 keeps a shared machine's timings steady)")

@@ -8,8 +8,9 @@ how much of it is the luck of which 500 or 1,000 locations were drawn. Each tabl
 seeds' margins; each bootstrap draw resamples every seed's test rows.
 
 It retrains nothing: it reads the heads `bench/heads.py regimes` trained (the current recipes'
-digests) and predicts the test split again, checking that every recipe scores exactly what
-results.jsonl recorded. The probe is refitted the same way (it is deterministic).
+digests) and predicts the test split again, checking each recipe's classification credit and mean km
+against what results.jsonl recorded. The probe is refitted as `regimes` fitted it (the same answers,
+given the same BLAS threads).
 
 The headroom: the seed recipe loses 1 - its score, part of it in classification, 0.7 x (1 - its
 classification credit), the rest in position (its mean km / 5000 x 0.3, which no recipe brings to 0).
@@ -34,15 +35,14 @@ TARGET = 0.005  # the margin the heads are asked for
 DRAWS = 2000
 
 
-def row_scores(class_id: np.ndarray, latlon: np.ndarray, top5: np.ndarray, point: np.ndarray) -> np.ndarray:
-    """Each location's share of the score: their mean is the competition score (mean error under 5,000 km)."""
-    km = haversine_km(latlon[:, 0], latlon[:, 1], point[:, 0], point[:, 1])
-    return 0.7 * classification_points(class_id, top5) + 0.3 * (1.0 - km / 5000.0)
+def row_scores(credit: np.ndarray, km: np.ndarray) -> np.ndarray:
+    """Each location's share of the score from its classification credit and error: their mean is the
+    competition score (while the mean error is under 5,000 km)."""
+    return 0.7 * credit + 0.3 * (1.0 - km / 5000.0)
 
 
-def recipe_prediction(store: Path, work: Path, preset: str, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def recipe_prediction(data: StoreData, work: Path, preset: str, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """The test split's top-5 class ids and positions of a recipe that run_recipe trained."""
-    data = StoreData(store, hr.BACKBONES)
     plan = recipe(preset, hr.BACKBONES)
     fit_rows = data.protocol(plan.folds, seed).folds.fit_rows
     out = predict(data.source("test"), HeadPaths(work, preset).ensemble, device="cpu", gallery=data.train, fit_rows=fit_rows)
@@ -66,8 +66,7 @@ def per_row(cache: Path, results: list[dict], regimes: list[str] | None = None, 
             continue
         first = by_recipe["default"]
         started = time.perf_counter()
-        store = cache / name / "store"
-        data = StoreData(store, hr.BACKBONES)
+        data = StoreData(cache / name / "store", hr.BACKBONES)
         class_id, latlon = data.test_truth()
         rows, seconds = {}, {}
         for label, row in by_recipe.items():
@@ -75,7 +74,7 @@ def per_row(cache: Path, results: list[dict], regimes: list[str] | None = None, 
             if label == "probe":
                 top5, point = hr.probe_prediction(data)
             else:
-                top5, point = recipe_prediction(store, cache / name / f"heads-{digests[label]}", label, first["seed"])
+                top5, point = recipe_prediction(data, cache / name / f"heads-{digests[label]}", label, first["seed"])
             seconds[label] = time.perf_counter() - began
             credit = classification_points(class_id, top5)
             km = haversine_km(latlon[:, 0], latlon[:, 1], point[:, 0], point[:, 1])
@@ -84,7 +83,7 @@ def per_row(cache: Path, results: list[dict], regimes: list[str] | None = None, 
                 raise SystemExit(f"{name}: {label} now scores classification {credit.mean():.6f} and {km.mean():.4f} km, "
                                  f"results.jsonl {recorded_test['classification_score']:.6f} and {recorded_test['mean_km']:.4f} km: "
                                  "the heads on disk are not the ones the table reports")
-            rows[label] = row_scores(class_id, latlon, top5, point)
+            rows[label] = row_scores(credit, km)
             rows[f"{label}:credit"] = credit
         out[(first["regime"], first["size"], first["seed"])] = rows
         log(f"  {name}: default − seed {rows['default'].mean() - rows['seed'].mean():+.4f}  ("

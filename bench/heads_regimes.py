@@ -1,8 +1,8 @@
 """The heads against a tuned logistic probe and the seed recipe, across regimes of synthetic data.
 
 Each regime is a `geoscout synth` difficulty (neighbouring states that look alike, 100-200 rows per
-state, imbalanced states, noisy and broken views, and all of them at once) at two sizes (1,500 / 500 and 6,000 / 1,000
-locations), drawn with several seeds. Every data set is extracted with the two tiny random
+state, imbalanced states, noisy and broken views, and all of them at once) at two sizes (1,500 / 500
+and 6,000 / 1,000 locations), drawn with several seeds. Every data set is extracted with the two tiny random
 backbones (`--bad-images mask`, as the broken views need) into its own store, cached under --cache.
 Recipes are trained on the store's training split exactly as `geoscout run` does (validation split,
 K folds) and scored on the test split, which no choice ever saw.
