@@ -130,8 +130,13 @@ def run_recipe(store: Path, work: Path, preset: str, seed: int) -> dict:
             "decode": result.decode, "regressor": result.regressor, "oof": result.oof}
 
 
+def digest(obj) -> str:
+    """A short name for a JSON-able config: the cache folder and results key of what it trains."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:10]
+
+
 def recipe_digest(preset: str) -> str:
-    return hashlib.sha256(json.dumps(recipe(preset, BACKBONES).key(), sort_keys=True).encode()).hexdigest()[:10]
+    return digest(recipe(preset, BACKBONES).key())
 
 
 def run(cache: Path, *, regimes: list[str], sizes: list[str], seeds: list[int], presets: list[str], fresh: bool,

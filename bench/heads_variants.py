@@ -11,7 +11,6 @@ variant's margin over the default, per size, mean ± std over the draws.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import time
 from pathlib import Path
@@ -72,12 +71,8 @@ VARIANTS = ("seed", "plus-seed-tf", "plus-seed-concat", "plus-seed-both", "conca
             "joint", "plus-joint", "seed-ensemble", "no-temperature", "seed-decoding")
 
 
-def _digest(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:10]
-
-
 def _member_key(m: MemberSpec) -> str:
-    return _digest({"k": m.kind, "b": m.backbones, "l": m.label, "c": config_to_dict(m.config)})[:8]
+    return hr.digest({"k": m.kind, "b": m.backbones, "l": m.label, "c": config_to_dict(m.config)})[:8]
 
 
 def run_variant(root: Path, data: StoreData, plan: Recipe, seed: int) -> dict:
@@ -87,7 +82,7 @@ def run_variant(root: Path, data: StoreData, plan: Recipe, seed: int) -> dict:
         if m.name not in pool.trained_members():
             one = Recipe(m.name, [m], plan.ensemble, plan.regressor, plan.folds)
             train_members_stage(data, pool, one, device="cpu", seed=seed, progress=False)
-    heads = HeadPaths(root / "variants", _digest(plan.key()))
+    heads = HeadPaths(root / "variants", hr.digest(plan.key()))
     heads.folder.mkdir(parents=True, exist_ok=True)
     for m in plan.members:
         link = heads.member(m.name)
@@ -112,7 +107,7 @@ def run(cache: Path, *, regimes: list[str], sizes: list[str], seeds: list[int], 
                 data = StoreData(store, B)
                 for v in ["default", *[v for v in variants if v != "default"]]:
                     plan = variant(v)
-                    key = (store.parent.name, v, _digest(plan.key()))
+                    key = (store.parent.name, v, hr.digest(plan.key()))
                     if key not in done:
                         started = time.perf_counter()
                         metrics = run_variant(store.parent, data, plan, seed)
